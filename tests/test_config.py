@@ -1,0 +1,115 @@
+"""Config composition, overrides and the one-line errors for bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from utils.config import ConfigError, apply_overrides, check_config, resolve_autocast, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_dreamer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "dreamer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = compose_config()
+    assert (cfg.env.backend, cfg.env.name, cfg.env.task) == ("dm_control", "cheetah", "run")
+    assert (cfg.env.image_size, cfg.env.action_repeat, cfg.env.max_episode_frames) == (64, 2, 1000)
+    assert cfg.env.from_pixels and not cfg.env.grayscale
+    assert (cfg.collector.frames_per_batch, cfg.collector.init_random_frames) == (1000, 5000)
+    assert cfg.optimization.train_steps == 100
+    assert (cfg.replay_buffer.batch_size, cfg.replay_buffer.batch_length) == (50, 50)
+    assert (cfg.model.deter_dim, cfg.model.stoch_dim, cfg.model.cnn_depth) == (200, 30, 32)
+    assert (cfg.optimization.world_model_lr, cfg.optimization.actor_lr, cfg.optimization.value_lr) == (6e-4, 8e-5, 8e-5)
+    assert (cfg.optimization.free_nats, cfg.optimization.imagination_horizon) == (3.0, 15)
+    assert (cfg.optimization.discount, cfg.optimization.return_lambda) == (0.99, 0.95)
+    assert cfg.logger.backend == "wandb" and cfg.logger.mode == "offline"
+    assert cfg.device == "auto" and cfg.mode == "train"
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("env", ["dmc", "car_racing", "pendulum"])
+def test_every_env_config_composes_and_validates(env: str) -> None:
+    check_config(compose_config(f"env={env}"))
+
+
+def test_overrides_and_the_debug_preset() -> None:
+    cfg = compose_config("env.name=walker", "env.task=walk", "optimization.autocast=bfloat16")
+    assert (cfg.env.name, cfg.env.task, cfg.optimization.autocast) == ("walker", "walk", "bfloat16")
+    debug = compose_config("experiment=debug")
+    assert debug.collector.total_frames < 1000 and debug.model.deter_dim < 200
+    check_config(debug)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("env.name=nope", "Unknown dm_control domain 'nope'"),
+        ("env.task=fly", "'fly'"),
+        ("env.backend=atari", "Unknown env backend 'atari'"),
+        ("logger.backend=mlflow", "Unknown logger.backend 'mlflow'; allowed: wandb, tensorboard, csv, none"),
+        ("optimization.autocast=int8", "Unknown optimization.autocast 'int8'"),
+        ("replay_buffer.batch_size=0", "replay_buffer.batch_size=0 must be a positive integer"),
+        ("mode=play", "Unknown mode 'play'"),
+    ],
+)
+def test_bad_values_give_one_line_naming_them(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config(override))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_autocast_falls_back_to_float32_with_one_warning_on_cpu() -> None:
+    with pytest.warns(UserWarning, match="needs a CUDA device"):
+        assert resolve_autocast("float16", torch.device("cpu")) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_autocast(False, torch.device("cpu")) is None
+
+
+def test_device_auto_and_unavailable_cuda() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_resume_overrides_apply_on_top_but_cannot_change_the_model() -> None:
+    saved = compose_config("experiment=debug")
+    merged = apply_overrides(saved, ["collector.total_frames=800", "resume=/tmp/run"], ignore=("resume",))
+    assert merged.collector.total_frames == 800 and merged.model == saved.model
+    with pytest.raises(ConfigError, match=r"Cannot change model.deter_dim"):
+        apply_overrides(saved, ["model.deter_dim=32"], ignore=())
+    with pytest.raises(ConfigError, match=r"Cannot change env.name"):
+        apply_overrides(saved, ["env.name=walker"], ignore=())
+
+
+def test_cli_prints_the_composed_config() -> None:
+    result = run_dreamer("--cfg", "job", "env.name=walker", "env.task=walk")
+    assert result.returncode == 0, result.stderr
+    assert "name: walker" in result.stdout and "task: walk" in result.stdout
+
+
+def test_cli_fails_fast_on_an_unknown_domain() -> None:
+    result = run_dreamer("env.name=nope", "hydra.run.dir=/tmp/dreamer-test-nope")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Unknown dm_control domain 'nope'; available: acrobot" in lines[0]

@@ -1,0 +1,133 @@
+"""Config checks and the few values derived from the composed Hydra config."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from utils.envs import validate_env_config
+
+AUTOCAST_CHOICES = {"false": None, "true": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOGGER_BACKENDS = ("wandb", "tensorboard", "csv", "none")
+MODES = ("train", "eval")
+# Keys that fix the networks' shapes or the data they were trained on: a resume or an evaluation may not change them.
+FROZEN_SECTIONS = ("model",)
+FROZEN_ENV_KEYS = ("backend", "name", "task", "from_pixels", "grayscale", "image_size")
+CONFIG_GROUPS = ("env", "model", "optimization", "collector", "replay_buffer", "logger", "eval", "experiment")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the value and what is allowed."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; anything else must be a device torch knows and can use."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"Unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} requested but CUDA is not available; use device=auto or device=cpu")
+    return device
+
+
+def autocast_dtype(value: object) -> torch.dtype | None:
+    """Maps an ``optimization.autocast`` value to the dtype it asks for (``None`` = float32)."""
+    key = str(value).lower()
+    if key not in AUTOCAST_CHOICES:
+        raise ConfigError(
+            f"Unknown optimization.autocast {value!r}; allowed: false, true (= bfloat16), bfloat16, float16"
+        )
+    return AUTOCAST_CHOICES[key]
+
+
+def resolve_autocast(value: object, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to train with on ``device`` (``None`` = float32).
+
+    Autocast is only used on CUDA: on a CPU-only machine a request falls back to float32 with one warning.
+    """
+    dtype = autocast_dtype(value)
+    if dtype is not None and device.type != "cuda":
+        warnings.warn(
+            f"optimization.autocast={value} needs a CUDA device but the run uses {device}; training in float32.",
+            stacklevel=2,
+        )
+        return None
+    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("optimization.autocast=bfloat16 is not supported by this GPU; use float16 or false")
+    return dtype
+
+
+def frames_to_agent_steps(frames: int, action_repeat: int, name: str) -> int:
+    """Converts an environment-frame count of the config to agent steps, refusing counts that don't divide."""
+    if frames % action_repeat:
+        raise ConfigError(f"{name}={frames} must be a multiple of env.action_repeat={action_repeat}")
+    return frames // action_repeat
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks the values that are not the environment's (see ``utils.envs.validate_env_config``)."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"Unknown mode {cfg.mode!r}; allowed: {', '.join(MODES)}")
+    if cfg.logger.backend not in LOGGER_BACKENDS:
+        raise ConfigError(f"Unknown logger.backend {cfg.logger.backend!r}; allowed: {', '.join(LOGGER_BACKENDS)}")
+    autocast_dtype(cfg.optimization.autocast)
+    positive = {
+        "replay_buffer.batch_size": cfg.replay_buffer.batch_size,
+        "replay_buffer.batch_length": cfg.replay_buffer.batch_length,
+        "optimization.imagination_horizon": cfg.optimization.imagination_horizon,
+        "collector.frames_per_batch": cfg.collector.frames_per_batch,
+        "optimization.train_steps": cfg.optimization.train_steps,
+    }
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+    if cfg.optimization.imagination_horizon < 2:
+        raise ConfigError(
+            f"optimization.imagination_horizon={cfg.optimization.imagination_horizon} must be at least 2 "
+            "(lambda-returns need one bootstrap step)"
+        )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """All config checks, before any heavy work: one-line ``ConfigError`` on a bad value."""
+    validate_config(cfg)
+    try:
+        validate_env_config(cfg.env)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def command_line_overrides() -> list[str]:
+    """The ``key=value`` overrides this invocation was given (empty outside Hydra)."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def apply_overrides(saved: DictConfig, overrides: list[str], ignore: tuple[str, ...]) -> DictConfig:
+    """``saved`` with command-line overrides on top (parsed by Hydra's own override grammar).
+
+    Refuses to select config groups or to change the network or environment identity of a saved run.
+    """
+    merged = saved.copy()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key in ignore or key.startswith("hydra"):
+            continue
+        value = override.value()
+        if key in CONFIG_GROUPS:
+            raise ConfigError(f"Cannot select {key}={value} for a saved run or checkpoint; override its keys instead")
+        section, _, leaf = key.partition(".")
+        old = OmegaConf.select(saved, key)
+        if (section in FROZEN_SECTIONS or (section == "env" and leaf in FROZEN_ENV_KEYS)) and old != value:
+            raise ConfigError(f"Cannot change {key} (saved {old!r}) of an existing run or checkpoint to {value!r}")
+        with open_dict(merged):
+            OmegaConf.update(merged, key, value, force_add=True)
+    return merged
