@@ -1,0 +1,110 @@
+"""World-model loss of Dreamer (Hafner et al., 2020, Sec. 4: reconstruction objective; the authors' model loss).
+
+For a ``[B, T]`` batch, with every term averaged over ``B`` and ``T``:
+
+* observation: ``-log N(x; decoder mean, 1)`` summed over the observation dims (pixels as floats in
+  ``[-0.5, 0.5]``), the ``0.5 * log(2 pi)`` constant included;
+* reward: ``-log N(r; reward mean, 1)``;
+* continue (only with a continue head): ``continue_scale * BCE(logit, 1 - terminated)``;
+* KL: ``kl_scale * max(mean KL(posterior || prior), free_nats)``, the KL of diagonal Gaussians summed
+  over the stochastic dims; free nats clamp the *batch-averaged* KL, so below them the term is
+  constant and gives no gradient.
+
+``loss_world_model`` is their sum and the only term to backpropagate; the named terms are
+returned detached, for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
+from torch.nn import functional as F
+from torchrl.objectives import LossModule
+
+from modules.world_model import OBS_FLOAT_KEY, WorldModel
+
+HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def unit_gaussian_nll(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``-log N(target; mean, 1)``, same shape as the inputs."""
+    return 0.5 * (target - mean).square() + HALF_LOG_TWO_PI
+
+
+def diagonal_gaussian_kl(
+    mean_q: torch.Tensor, std_q: torch.Tensor, mean_p: torch.Tensor, std_p: torch.Tensor
+) -> torch.Tensor:
+    """``KL(N(mean_q, std_q) || N(mean_p, std_p))`` of diagonal Gaussians, summed over the last dim: ``[*, S] -> [*]``.
+
+    ``KL = sum_s log(std_p / std_q) + (std_q^2 + (mean_q - mean_p)^2) / (2 std_p^2) - 1/2``.
+    """
+    variance_ratio = (std_q / std_p).square()
+    mean_term = ((mean_q - mean_p) / std_p).square()
+    return 0.5 * (variance_ratio + mean_term - 1.0 - variance_ratio.log()).sum(-1)
+
+
+def sum_event_mean_batch_time(values: torch.Tensor) -> torch.Tensor:
+    """``[B, T, *event]`` to a scalar: sum over the event dims, mean over ``B`` and ``T``."""
+    return values.flatten(2).sum(-1).mean()
+
+
+class WorldModelLoss(LossModule):
+    """Runs the world model on a ``[B, T]`` batch (writing its keys into it) and returns the loss terms.
+
+    ``forward(td)`` returns a TensorDict with batch size ``[]``: ``loss_world_model`` (the total, to
+    backpropagate), and detached for logging ``loss_observation``, ``loss_reward``, ``loss_continue``
+    (only with a continue head), ``loss_kl`` (after free nats and scale) and ``kl`` (the raw
+    batch-mean KL).
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Data keys the loss reads besides the world model's inputs (see ``set_keys``)."""
+
+        reward: NestedKey = "reward"
+        terminated: NestedKey = "terminated"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def __init__(self, world_model: WorldModel, *, free_nats: float, kl_scale: float, continue_scale: float) -> None:
+        super().__init__()
+        self.world_model = world_model
+        self.free_nats = free_nats
+        self.kl_scale = kl_scale
+        self.continue_scale = continue_scale
+        self.use_continue = world_model.continue_head is not None
+        self._set_in_keys()
+        terms = ["loss_world_model", "loss_observation", "loss_reward", "loss_kl", "kl"]
+        self.out_keys = terms + (["loss_continue"] if self.use_continue else [])
+
+    def _set_in_keys(self) -> None:
+        targets = [self.tensor_keys.reward] + ([self.tensor_keys.terminated] if self.use_continue else [])
+        self.in_keys = list(dict.fromkeys([*self.world_model.in_keys, *targets]))
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        tensordict = self.world_model(tensordict)
+
+        def get(key: NestedKey) -> torch.Tensor:
+            # The terms are computed in float32 whatever precision autocast ran the networks in.
+            return tensordict.get(key).float()
+
+        observation = sum_event_mean_batch_time(unit_gaussian_nll(get("reconstruction"), get(OBS_FLOAT_KEY)))
+        reward = sum_event_mean_batch_time(unit_gaussian_nll(get("reward_pred"), get(self.tensor_keys.reward)))
+        kl = diagonal_gaussian_kl(get("post_mean"), get("post_std"), get("prior_mean"), get("prior_std")).mean()
+        kl_term = self.kl_scale * kl.clamp_min(self.free_nats)
+        terms = {"loss_observation": observation, "loss_reward": reward, "loss_kl": kl_term}
+        if self.use_continue:
+            continue_target = 1.0 - get(self.tensor_keys.terminated)
+            terms["loss_continue"] = self.continue_scale * F.binary_cross_entropy_with_logits(
+                get("continue_logit"), continue_target
+            )
+        total = sum(terms.values())
+        return TensorDict(
+            {"loss_world_model": total, "kl": kl.detach(), **{name: term.detach() for name, term in terms.items()}},
+            batch_size=[],
+        )
