@@ -1,0 +1,104 @@
+"""Starting, resuming and checkpointing a training run.
+
+A run directory holds ``config.yaml`` (the effective config), ``metrics.csv``, ``checkpoints/{last,best}.pt``,
+``replay/`` (the memory-mapped buffer, reopened on resume) and the dashboard's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torchrl.data import TensorDictReplayBuffer
+
+from utils.agent import Agent, build_agent
+from utils.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from utils.config import apply_overrides, check_config, command_line_overrides, resolve_autocast, resolve_device
+from utils.replay import StepRecorder
+
+
+@dataclasses.dataclass
+class RunState:
+    """Counters and bookkeeping saved in every checkpoint."""
+
+    frames: int = 0
+    agent_steps: int = 0
+    updates: int = 0
+    episodes: int = 0
+    next_eval: int = 0
+    next_checkpoint: int = 0
+    last_train_return: float | None = None
+    last_eval_return: float | None = None
+    best_eval_return: float | None = None
+    replay_saved: bool = False
+    recorder: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunState]:
+    """Builds the agent for a new run in ``run_dir``, or restores everything from its last checkpoint."""
+    payload = None
+    if cfg.resume:
+        payload = load_checkpoint(run_dir)
+        cfg = apply_overrides(OmegaConf.create(payload["config"]), command_line_overrides(), ignore=("resume",))
+        with open_dict(cfg):
+            cfg.resume = str(run_dir)
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.env.seed)
+    agent = build_agent(cfg, device, resolve_autocast(cfg.optimization.autocast, device))
+    if payload is None:
+        state = RunState(next_eval=cfg.logger.eval_every, next_checkpoint=cfg.checkpoint_every)
+    else:
+        load_agent_state(agent, payload)
+        state = RunState(**payload["counters"])
+        restore_rng_state(payload["rng"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    return cfg, agent, state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_agent_state(agent: Agent, payload: dict[str, Any]) -> None:
+    """Loads networks (and optimisers when present) from a checkpoint, naming the file when shapes differ."""
+    try:
+        agent.load_state_dict(payload["agent"])
+        if "update" in payload:
+            agent.update.load_state_dict(payload["update"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"Checkpoint {payload['path']} does not fit this model/env: {first_line}") from error
+
+
+def save_run_checkpoint(
+    path: Path,
+    cfg: DictConfig,
+    agent: Agent,
+    state: RunState,
+    replay: TensorDictReplayBuffer,
+    recorder: StepRecorder,
+) -> None:
+    """Flushes the replay buffer's metadata in place, then writes the checkpoint atomically."""
+    if len(replay):
+        replay.dumps(path.parent.parent / "replay")
+    state.replay_saved = len(replay) > 0
+    state.recorder = recorder.state_dict()
+    save_atomic(
+        {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "agent": agent.state_dict(),
+            "update": agent.update.state_dict(),
+            "counters": dataclasses.asdict(state),
+            "rng": capture_rng_state(),
+        },
+        path,
+    )

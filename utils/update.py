@@ -1,0 +1,134 @@
+"""One Dreamer gradient update: world model, actor and value, each with its own Adam and gradient clipping.
+
+As in the authors' code, the three losses are computed from the same parameters (one forward pass each) and each
+optimiser then applies the gradient of its own loss with respect to its own parameters only. We take those
+gradients with ``torch.autograd.grad`` on each parameter group: the actor's gradient flows *through* the world
+model's imagined dynamics without ever being accumulated into (or stepping) world-model or value parameters,
+and no weight gradient is computed that no optimiser uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from omegaconf import DictConfig
+from tensordict import TensorDictBase
+from torch import nn
+
+LossFn = Callable[[TensorDictBase], TensorDictBase]
+
+
+class DreamerUpdate:
+    """Applies one update to ``world_model``, ``actor`` and ``value`` from a replay batch ``[B, T]``.
+
+    ``world_model_loss(batch)`` returns ``loss_world_model`` (and writes the posterior states into ``batch``),
+    ``actor_loss(batch)`` returns ``loss_actor`` plus the detached imagined trajectory, and
+    ``value_loss(actor_output)`` returns ``loss_value``. ``autocast_dtype`` (CUDA only) runs the forward passes
+    in bfloat16 or float16; float16 uses a gradient scaler. ``compile`` wraps the three loss modules with
+    ``torch.compile`` (``compile_backend`` picks the backend; ``eager`` checks the traced graph without codegen).
+    """
+
+    def __init__(
+        self,
+        *,
+        world_model: nn.Module,
+        actor: nn.Module,
+        value: nn.Module,
+        world_model_loss: nn.Module,
+        actor_loss: nn.Module,
+        value_loss: nn.Module,
+        opt_cfg: DictConfig,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+    ) -> None:
+        self.groups = {"world_model": world_model, "actor": actor, "value": value}
+        learning_rates = {
+            "world_model": opt_cfg.world_model_lr,
+            "actor": opt_cfg.actor_lr,
+            "value": opt_cfg.value_lr,
+        }
+        self.parameters = {
+            name: [p for p in module.parameters() if p.requires_grad] for name, module in self.groups.items()
+        }
+        self.optimizers = {
+            name: torch.optim.Adam(self.parameters[name], lr=learning_rates[name], eps=opt_cfg.adam_eps)
+            for name in self.groups
+        }
+        self.grad_clip = opt_cfg.grad_clip
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
+        losses: tuple[LossFn, LossFn, LossFn] = (world_model_loss, actor_loss, value_loss)
+        if compile:
+            losses = tuple(torch.compile(loss, backend=compile_backend) for loss in losses)
+        self.world_model_loss, self.actor_loss, self.value_loss = losses
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def losses(self, batch: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase, TensorDictBase]:
+        """Forward passes only: ``(world-model terms, actor terms, value terms)`` for ``batch [B, T]``."""
+        with self._autocast():
+            world_model_terms = self.world_model_loss(batch)
+            actor_terms = self.actor_loss(batch)
+            value_terms = self.value_loss(actor_terms)
+        return world_model_terms, actor_terms, value_terms
+
+    def step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """One update from ``batch [B, T]``; returns detached scalar metrics (losses, diagnostics, grad norms)."""
+        world_model_terms, actor_terms, value_terms = self.losses(batch)
+        objectives = {
+            "world_model": world_model_terms["loss_world_model"],
+            "actor": actor_terms["loss_actor"],
+            "value": value_terms["loss_value"],
+        }
+        # All gradients first: an optimiser step changes parameters in place that the other graphs still need.
+        gradients = {
+            name: torch.autograd.grad(self.scaler.scale(loss), self.parameters[name], allow_unused=True)
+            for name, loss in objectives.items()
+        }
+        grad_norms = {name: self._apply(name, grads) for name, grads in gradients.items()}
+        self.scaler.update()
+
+        metrics: dict[str, torch.Tensor] = {}
+        for terms in (world_model_terms, actor_terms, value_terms):
+            metrics.update(_scalar_entries(terms))
+        metrics.update({f"grad_norm/{name}": norm for name, norm in grad_norms.items()})
+        return metrics
+
+    def _apply(self, name: str, gradients: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        """Unscales, clips (norm ``grad_clip``) and applies one group's gradients; returns the pre-clip norm."""
+        parameters, optimizer = self.parameters[name], self.optimizers[name]
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            parameter.grad = gradient
+        self.scaler.unscale_(optimizer)
+        norm = nn.utils.clip_grad_norm_(parameters, self.grad_clip)
+        self.scaler.step(optimizer)
+        return norm.detach()
+
+    def state_dict(self) -> dict[str, dict]:
+        return {
+            **{f"optimizer/{name}": optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            "grad_scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[f"optimizer/{name}"])
+        self.scaler.load_state_dict(state["grad_scaler"])
+
+
+def _scalar_entries(terms: TensorDictBase) -> dict[str, torch.Tensor]:
+    """Scalar entries of a loss output, named for the dashboard (``loss_actor`` -> ``loss/actor``)."""
+    scalars = {}
+    for key, value in terms.items():
+        if isinstance(key, str) and isinstance(value, torch.Tensor) and value.numel() == 1:
+            name = f"loss/{key.removeprefix('loss_')}" if key.startswith("loss_") else key
+            scalars[name] = value.detach().float().reshape(())
+    return scalars
