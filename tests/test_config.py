@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tests.cli import ROOT, run_dreamer
 from utils.config import ConfigError, apply_overrides, check_config, resolve_autocast, resolve_device
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
-
-
-def run_dreamer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "dreamer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 def test_defaults_are_the_papers() -> None:

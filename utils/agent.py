@@ -134,6 +134,7 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         device=device,
         autocast_dtype=autocast_dtype,
         compile=opt.compile,
+        compile_backend=opt.compile_backend,
     )
     policy = DreamerPolicy(
         world_model.encoder,

@@ -7,35 +7,62 @@ import dataclasses
 import numpy as np
 import torch
 from tensordict import TensorDict
+from torchrl.envs import RenameTransform, TransformedEnv
 
 from modules.rssm import feature
 from modules.world_model import WorldModel
 from utils.agent import Agent
+from utils.envs import PIXELS_KEY, ChannelsFirstPixels
 from utils.metrics import RunLogger
 from utils.replay import StepRecorder
 
 DREAM_CONTEXT = 5
+RGB_FRAME_KEY = "rgb_frame"
 
 
 @dataclasses.dataclass
 class EpisodeResult:
-    """One evaluation episode: its return, its length in agent steps, and its steps ``[T + 1]`` (replay format)."""
+    """One evaluation episode: its return, its length ``T`` in agent steps, and its steps ``[T + 1]`` (replay format).
+
+    ``rgb_frames`` (only when asked for): uint8 ``[T + 1, 3, H, W]``, the RGB image behind each step's observation.
+    """
 
     episode_return: float
     length: int
     steps: TensorDict
+    rgb_frames: torch.Tensor | None = None
 
 
-def evaluate_policy(agent: Agent, episodes: int, seed_offset: int) -> list[EpisodeResult]:
-    """Runs ``episodes`` full episodes of ``agent.policy`` (under the caller's exploration type) on a fresh env."""
+def add_rgb_frames(env: TransformedEnv, size: int) -> None:
+    """Makes a pixel env also return ``"rgb_frame"`` uint8 ``[3, size, size]``: the raw RGB image, resized.
+
+    The copy is taken before the env's own pixel transform, so it stays in colour when the agent sees grayscale;
+    otherwise it equals ``"pixels"`` (same resizing).
+    """
+    env.insert_transform(0, RenameTransform([PIXELS_KEY], [RGB_FRAME_KEY], create_copy=True))
+    env.insert_transform(1, ChannelsFirstPixels(size, grayscale=False, in_key=RGB_FRAME_KEY))
+
+
+def evaluate_policy(
+    agent: Agent, episodes: int, seed_offset: int, keep_rgb_frames: bool = False
+) -> list[EpisodeResult]:
+    """Runs ``episodes`` full episodes of ``agent.policy`` (under the caller's exploration type) on a fresh env.
+
+    ``keep_rgb_frames`` (pixel envs only) also keeps each episode's RGB images (``EpisodeResult.rgb_frames``).
+    """
     env = agent.make_eval_env(seed_offset)
+    if keep_rgb_frames:
+        add_rgb_frames(env, agent.cfg.env.image_size)
     max_steps = agent.cfg.env.max_episode_frames // agent.cfg.env.action_repeat
     results = []
     with torch.no_grad():
         for _ in range(episodes):
             rollout = env.rollout(max_steps, agent.policy, auto_reset=True, break_when_any_done=True).cpu()
             steps = StepRecorder(agent.obs_key, num_envs=1).convert(rollout)
-            results.append(EpisodeResult(float(rollout["next", "reward"].sum()), rollout.shape[0], steps))
+            rgb_frames = None
+            if keep_rgb_frames:  # the reset image, then the image reached by each step: aligned with ``steps``
+                rgb_frames = torch.cat([rollout[RGB_FRAME_KEY][:1], rollout["next", RGB_FRAME_KEY]])
+            results.append(EpisodeResult(float(rollout["next", "reward"].sum()), rollout.shape[0], steps, rgb_frames))
     env.close()
     return results
 

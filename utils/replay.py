@@ -55,6 +55,10 @@ class StepRecorder:
         self.step = state["step"].clone()
         self.next_episode_id = int(state["next_episode_id"])
 
+    def expect_reset(self) -> None:
+        """The environments restart (a new collector, e.g. on resume): their next batch begins new episodes."""
+        self.needs_reset.fill_(True)
+
     def convert(self, batch: TensorDict) -> TensorDict:
         if batch.batch_dims == 1:
             batch = batch.unsqueeze(0)

@@ -8,6 +8,7 @@ run interrupted in the middle of a training phase resumes with exactly the updat
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def train(cfg: DictConfig) -> float | None:
     if state.replay_saved:
         replay.loads(run_dir / "replay")
         recorder.load_state_dict(state.recorder)
+        # The collector below starts its environments afresh: an episode cut by the interruption is not continued.
+        recorder.expect_reset()
 
     logger = RunLogger(run_dir, make_dashboard(cfg.logger, run_dir, run_dir.name, cfg), cfg.logger.video_fps)
     collector = Collector(
@@ -81,7 +84,9 @@ def train(cfg: DictConfig) -> float | None:
             if state.frames >= cfg.collector.total_frames:
                 break
     except (KeyboardInterrupt, _Stop):
-        progress.write(f"Interrupted at {state.frames} frames; saving {run_dir / CHECKPOINT_DIR / LAST}")
+        progress.write(
+            f"Interrupted at {state.frames} frames; saving {run_dir / CHECKPOINT_DIR / LAST}", file=sys.stderr
+        )
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         collector.shutdown()
