@@ -108,7 +108,7 @@ class RunLogger:
     def log_video(self, name: str, frames: np.ndarray, step: int) -> Path:
         """``frames``: uint8 ``[T, H, W, C]``. Saves ``videos/<name>_<step>.mp4`` and sends it to the dashboard."""
         path = write_mp4(frames, self.run_dir / "videos" / f"{name.replace('/', '_')}_{step:09d}.mp4", self.video_fps)
-        # TorchRL's CSVLogger would need torchcodec to write its own mp4 copy; the file above is the csv backend's video.
+        # TorchRL's CSVLogger needs torchcodec to write its own mp4 copy; the file above is the csv backend's video.
         if self.dashboard is not None and not isinstance(self.dashboard, CSVLogger):
             video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).unsqueeze(0)  # [1, T, C, H, W]
             self.dashboard.log_video(name, video, step=step)
