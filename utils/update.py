@@ -61,7 +61,11 @@ class DreamerUpdate:
         self.grad_clip = opt_cfg.grad_clip
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
+        # One scaler per loss: the world-model loss (summed over pixels) overflows float16 at scales the actor and
+        # value losses need, and a shared scaler would shrink theirs too.
+        self.scalers = {
+            name: torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16) for name in self.groups
+        }
         losses: tuple[LossFn, LossFn, LossFn] = (world_model_loss, actor_loss, value_loss)
         if compile:
             losses = tuple(torch.compile(loss, backend=compile_backend) for loss in losses)
@@ -90,11 +94,10 @@ class DreamerUpdate:
         }
         # All gradients first: an optimiser step changes parameters in place that the other graphs still need.
         gradients = {
-            name: torch.autograd.grad(self.scaler.scale(loss), self.parameters[name], allow_unused=True)
+            name: torch.autograd.grad(self.scalers[name].scale(loss), self.parameters[name], allow_unused=True)
             for name, loss in objectives.items()
         }
         grad_norms = {name: self._apply(name, grads) for name, grads in gradients.items()}
-        self.scaler.update()
 
         metrics: dict[str, torch.Tensor] = {}
         for terms in (world_model_terms, actor_terms, value_terms):
@@ -103,25 +106,29 @@ class DreamerUpdate:
         return metrics
 
     def _apply(self, name: str, gradients: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-        """Unscales, clips (norm ``grad_clip``) and applies one group's gradients; returns the pre-clip norm."""
-        parameters, optimizer = self.parameters[name], self.optimizers[name]
+        """Unscales, clips (norm ``grad_clip``) and applies one group's gradients; returns the pre-clip norm.
+
+        With float16 a step whose gradients overflowed is skipped and that group's loss scale is halved.
+        """
+        parameters, optimizer, scaler = self.parameters[name], self.optimizers[name], self.scalers[name]
         for parameter, gradient in zip(parameters, gradients, strict=True):
             parameter.grad = gradient
-        self.scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)
         norm = nn.utils.clip_grad_norm_(parameters, self.grad_clip)
-        self.scaler.step(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
         return norm.detach()
 
     def state_dict(self) -> dict[str, dict]:
         return {
             **{f"optimizer/{name}": optimizer.state_dict() for name, optimizer in self.optimizers.items()},
-            "grad_scaler": self.scaler.state_dict(),
+            **{f"grad_scaler/{name}": scaler.state_dict() for name, scaler in self.scalers.items()},
         }
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state[f"optimizer/{name}"])
-        self.scaler.load_state_dict(state["grad_scaler"])
+            self.scalers[name].load_state_dict(state[f"grad_scaler/{name}"])
 
 
 def _scalar_entries(terms: TensorDictBase) -> dict[str, torch.Tensor]:
