@@ -52,6 +52,7 @@ IGNORED_KEYS = (
     "collector.total_frames",
     "replay_buffer.storage",
     "optimization.compile",
+    "optimization.compile_backend",
     "logger.backend",
     "logger.mode",
     "logger.project",
@@ -366,10 +367,8 @@ def curve(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     grid = np.unique(np.concatenate([run.eval_frames for run in runs]))
     # [R, G]; every grid point has a value of at least the run that evaluated there.
     values = np.array([[np.nan if (v := run.value_at(int(f))) is None else v for f in grid] for run in runs])
-    statistics = [mean_std(column[~np.isnan(column)].tolist()) for column in values.T]
-    mean = np.array([mean for mean, _ in statistics])
-    std = np.nan_to_num(np.array([std for _, std in statistics]))
-    return grid, mean, std
+    statistics = np.array([mean_std(column[~np.isnan(column)].tolist()) for column in values.T])  # [G, 2]
+    return grid, statistics[:, 0], np.nan_to_num(statistics[:, 1])
 
 
 def plot_task(task: str, runs: Sequence[Run], paper: dict[int, float], path: Path) -> None:
@@ -409,11 +408,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def report(args: argparse.Namespace) -> tuple[str, list[str], Path]:
     """Writes the table, CSV and plots; returns the markdown table, the warnings and the output directory."""
-    if any(count <= 0 for count in args.frames):
+    frames = sorted(set(args.frames))
+    if frames[0] <= 0:
         raise ResultsError(f"--frames must be positive, got {_join(args.frames)}")
     groups = collect_runs(args.dirs)
     warnings = check_configs(groups, args.allow_mismatch)
-    warnings += seed_warnings(groups) + frame_warnings(groups, args.frames)
+    warnings += seed_warnings(groups) + frame_warnings(groups, frames)
     if args.reference is not None:
         reference = load_reference(args.reference)
     elif DEFAULT_REFERENCE.is_file():
@@ -425,7 +425,7 @@ def report(args: argparse.Namespace) -> tuple[str, list[str], Path]:
 
     out = args.out if args.out is not None else args.dirs[0] / "results"
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(groups, args.frames, reference)
+    summary = summarize(groups, frames, reference)
     summary.to_csv(out / "results.csv", index=False)
     table = markdown_table(summary, groups, paper_frames)
     plots = []

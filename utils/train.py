@@ -137,7 +137,6 @@ def _train_row(cfg: DictConfig, window: list[dict[str, torch.Tensor]], state: Ru
         "episodes": state.episodes,
         **means,
         "train/return": state.last_train_return,
-        "eval/return": state.last_eval_return,
         "updates_per_agent_step": state.updates / max(state.agent_steps, 1),
         "replayed_steps_per_agent_step": replayed / max(state.agent_steps, 1),
         **clock.rates(state),
