@@ -46,8 +46,8 @@ from utils.run_state import load_agent_state, seed_everything
 
 RESULTS_FILE = "eval_results.json"
 DREAMS_DIR = "dreams"
-# Sections of the stored config that building the agent reads.
-REQUIRED_SECTIONS = ("env", "model", "optimization", "collector", "eval")
+# Sections of the stored config that define the agent (a checkpoint without them is not a run's).
+REQUIRED_SECTIONS = ("env", "model", "optimization", "collector")
 
 
 @dataclasses.dataclass
@@ -113,7 +113,8 @@ def run_evaluation(cfg: DictConfig, overrides: list[str], out_dir: Path) -> Eval
     device = resolve_device(cfg.device)
     seed_everything(cfg.env.seed)
     agent = build_agent(cfg, device, autocast_dtype=None)
-    load_agent_state(agent, payload)
+    # Only the networks: the optimiser state is of no use here, and a change of its format must not stop evaluation.
+    load_agent_state(agent, {key: value for key, value in payload.items() if key != "update"})
     episodes = run_episodes(agent, cfg)
     report = EvalReport(cfg, payload["path"], payload.get("counters", {}).get("frames"), episodes, [])
     print(report.table(), flush=True)
@@ -139,7 +140,10 @@ def load_eval_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig,
     payload = load_checkpoint(cfg.checkpoint)
     stored = payload.get("config")
     if not isinstance(stored, dict) or any(not isinstance(stored.get(key), dict) for key in REQUIRED_SECTIONS):
-        raise CheckpointError(f"Checkpoint {payload['path']} carries no complete config (needs {REQUIRED_SECTIONS})")
+        sections = ", ".join(REQUIRED_SECTIONS)
+        raise CheckpointError(
+            f"Checkpoint {payload['path']} carries no complete config (needs the sections {sections})"
+        )
     if not isinstance(payload.get("agent"), dict):
         raise CheckpointError(f"Checkpoint {payload['path']} carries no agent weights")
     # Keys added to the code's config after the checkpoint was written take their current defaults.
