@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.files import atomic_output
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -29,13 +31,10 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
     A crash or Ctrl-C at any point leaves either the previous file or the new one, never a truncated file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
+    with atomic_output(path) as temporary, open(temporary, "wb") as handle:
         torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def resolve_checkpoint_path(location: str | os.PathLike) -> Path:

@@ -131,3 +131,9 @@ def apply_overrides(saved: DictConfig, overrides: list[str], ignore: tuple[str, 
         with open_dict(merged):
             OmegaConf.update(merged, key, value, force_add=True)
     return merged
+
+
+def restore_config(current: DictConfig, saved: dict, overrides: list[str], ignore: tuple[str, ...]) -> DictConfig:
+    """A saved run's config for this invocation: ``saved``, plus the current defaults of keys added to the code
+    since it was written, plus this invocation's command-line ``overrides`` (see :func:`apply_overrides`)."""
+    return apply_overrides(OmegaConf.merge(OmegaConf.to_container(current), saved), overrides, ignore)

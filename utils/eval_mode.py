@@ -22,25 +22,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 from torchrl.envs import ExplorationType, set_exploration_type
 
 from utils.agent import EVAL_SEED_OFFSET, Agent, build_agent
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError, apply_overrides, check_config, command_line_overrides, resolve_device
+from utils.config import ConfigError, check_config, command_line_overrides, resolve_device, restore_config
 from utils.dream_video import dream_video, panel_titles
 from utils.evaluation import EpisodeResult, evaluate_policy
+from utils.files import atomic_output
 from utils.metrics import write_mp4
 from utils.run_state import load_agent_state, seed_everything
 
@@ -146,9 +144,7 @@ def load_eval_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig,
         )
     if not isinstance(payload.get("agent"), dict):
         raise CheckpointError(f"Checkpoint {payload['path']} carries no agent weights")
-    # Keys added to the code's config after the checkpoint was written take their current defaults.
-    saved = OmegaConf.merge(OmegaConf.to_container(cfg), stored)
-    eval_cfg = apply_overrides(saved, overrides, ignore=("checkpoint", "mode"))
+    eval_cfg = restore_config(cfg, stored, overrides, ignore=("checkpoint", "mode"))
     with open_dict(eval_cfg):
         eval_cfg.mode = "eval"
         eval_cfg.checkpoint = payload["path"]
@@ -203,15 +199,3 @@ def write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
     """uint8 ``[T, H, W, 3]`` as a looping GIF (each frame quantised to its own 256-colour palette)."""
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` (same suffix) and renames it over ``path`` once written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

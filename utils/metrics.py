@@ -16,6 +16,8 @@ from torchrl.record.loggers.csv import CSVLogger
 from torchrl.record.loggers.tensorboard import TensorboardLogger
 from torchrl.record.loggers.wandb import WandbLogger
 
+from utils.files import atomic_output
+
 
 class MetricsCSV:
     """Appends one row per log step to a CSV whose columns grow as new metrics appear.
@@ -43,12 +45,10 @@ class MetricsCSV:
         if self.path.exists():
             with open(self.path, newline="") as handle:
                 rows = list(csv.DictReader(handle))
-        temporary = self.path.with_suffix(".csv.tmp")
-        with open(temporary, "w", newline="") as handle:
+        with atomic_output(self.path) as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        temporary.replace(self.path)
         self.columns = columns
 
 

@@ -18,7 +18,7 @@ from torchrl.data import TensorDictReplayBuffer
 
 from utils.agent import Agent, build_agent
 from utils.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
-from utils.config import apply_overrides, check_config, command_line_overrides, resolve_autocast, resolve_device
+from utils.config import check_config, command_line_overrides, resolve_autocast, resolve_device, restore_config
 from utils.replay import StepRecorder
 
 
@@ -44,7 +44,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
     payload = None
     if cfg.resume:
         payload = load_checkpoint(run_dir)
-        cfg = apply_overrides(OmegaConf.create(payload["config"]), command_line_overrides(), ignore=("resume",))
+        cfg = restore_config(cfg, payload["config"], command_line_overrides(), ignore=("resume",))
         with open_dict(cfg):
             cfg.resume = str(run_dir)
     check_config(cfg)
@@ -75,7 +75,7 @@ def load_agent_state(agent: Agent, payload: dict[str, Any]) -> None:
         if "update" in payload:
             agent.update.load_state_dict(payload["update"])
     except (RuntimeError, KeyError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0]
+        first_line = f"missing entry {error}" if isinstance(error, KeyError) else str(error).strip().splitlines()[0]
         raise CheckpointError(f"Checkpoint {payload['path']} does not fit this model/env: {first_line}") from error
 
 

@@ -19,7 +19,7 @@ from torchrl.collectors import Collector
 from torchrl.envs import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
-from utils.agent import Agent
+from utils.agent import EVAL_SEED_OFFSET, Agent
 from utils.checkpoint import BEST, CHECKPOINT_DIR, LAST
 from utils.config import frames_to_agent_steps
 from utils.evaluation import evaluate_policy, log_eval_videos
@@ -147,7 +147,7 @@ def _evaluate(cfg: DictConfig, agent: Agent, state: RunState, logger: RunLogger)
     """Deterministic-policy episodes; logs ``eval/return`` (and videos). True when the return is a new best."""
     state.next_eval += cfg.logger.eval_every
     with set_exploration_type(ExplorationType.DETERMINISTIC):
-        episodes = evaluate_policy(agent, cfg.logger.eval_episodes, seed_offset=10_000 + state.episodes)
+        episodes = evaluate_policy(agent, cfg.logger.eval_episodes, seed_offset=EVAL_SEED_OFFSET + state.episodes)
     state.last_eval_return = sum(e.episode_return for e in episodes) / len(episodes)
     logger.log(
         {"frames": state.frames, "updates": state.updates, "eval/return": state.last_eval_return}, step=state.frames
