@@ -71,9 +71,18 @@ class WorldModelLoss(LossModule):
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
 
-    def __init__(self, world_model: WorldModel, *, free_nats: float, kl_scale: float, continue_scale: float) -> None:
+    def __init__(
+        self,
+        world_model: WorldModel,
+        *,
+        free_nats: float,
+        kl_scale: float,
+        continue_scale: float,
+        reward_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.world_model = world_model
+        self.reward_scale = reward_scale
         self.free_nats = free_nats
         self.kl_scale = kl_scale
         self.continue_scale = continue_scale
@@ -94,7 +103,8 @@ class WorldModelLoss(LossModule):
             return tensordict.get(key).float()
 
         observation = sum_event_mean_batch_time(unit_gaussian_nll(get("reconstruction"), get(OBS_FLOAT_KEY)))
-        reward = sum_event_mean_batch_time(unit_gaussian_nll(get("reward_pred"), get(self.tensor_keys.reward)))
+        reward_target = self.reward_scale * get(self.tensor_keys.reward)
+        reward = sum_event_mean_batch_time(unit_gaussian_nll(get("reward_pred"), reward_target))
         kl = diagonal_gaussian_kl(get("post_mean"), get("post_std"), get("prior_mean"), get("prior_std")).mean()
         kl_term = self.kl_scale * kl.clamp_min(self.free_nats)
         terms = {"loss_observation": observation, "loss_reward": reward, "loss_kl": kl_term}

@@ -159,3 +159,29 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(debug_run: Path, tmp_
     result = run_dreamer(f"resume={run_dir}")
     assert result.returncode == 2
     assert "last.pt" in result.stderr and "truncated" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ("wandb", "wandb/offline-run-*/run-*.wandb"),
+        ("tensorboard", "tensorboard/**/events.out.tfevents.*"),
+        ("none", None),
+    ],
+)
+def test_dashboard_backends_write_their_files(tmp_path: Path, backend: str, expected: str | None) -> None:
+    result = run_dreamer(
+        "experiment=debug",
+        f"logger.backend={backend}",
+        "logger.video=true",
+        "collector.total_frames=200",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "metrics.csv").is_file() and len(list((tmp_path / "videos").glob("*.mp4"))) == 2
+    if expected is None:
+        assert not any((tmp_path / name).exists() for name in ("wandb", "tensorboard", "csv_logs"))
+    else:
+        assert list(tmp_path.glob(expected)), f"no {expected} in {sorted(p.name for p in tmp_path.iterdir())}"
+    if backend == "wandb":
+        assert list(tmp_path.glob("wandb/offline-run-*/files/media/videos/eval/*.mp4"))

@@ -110,7 +110,11 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
     actor = build_actor(model, feature_dim, info.action_dim, info.discrete).to(device)
     value = build_value_head(model, feature_dim).to(device)
     world_model_loss = WorldModelLoss(
-        world_model, free_nats=opt.free_nats, kl_scale=opt.kl_scale, continue_scale=opt.continue_scale
+        world_model,
+        free_nats=opt.free_nats,
+        kl_scale=opt.kl_scale,
+        continue_scale=opt.continue_scale,
+        reward_scale=opt.reward_scale,
     )
     actor_loss = ActorLoss(
         world_model.rssm.prior,

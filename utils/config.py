@@ -137,3 +137,15 @@ def restore_config(current: DictConfig, saved: dict, overrides: list[str], ignor
     """A saved run's config for this invocation: ``saved``, plus the current defaults of keys added to the code
     since it was written, plus this invocation's command-line ``overrides`` (see :func:`apply_overrides`)."""
     return apply_overrides(OmegaConf.merge(OmegaConf.to_container(current), saved), overrides, ignore)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config dict -> ``{"section.key": value}``."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -16,6 +16,7 @@ from torchrl.record.loggers.csv import CSVLogger
 from torchrl.record.loggers.tensorboard import TensorboardLogger
 from torchrl.record.loggers.wandb import WandbLogger
 
+from utils.config import flatten
 from utils.files import atomic_output
 
 
@@ -84,7 +85,9 @@ def make_dashboard(logger_cfg: DictConfig, run_dir: Path, run_name: str, config:
         logger = CSVLogger(exp_name=run_name, log_dir=str(run_dir / "csv_logs"), video_format="mp4")
     else:
         raise ValueError(f"Unknown logger.backend {backend!r}; allowed: wandb, tensorboard, csv, none")
-    logger.log_hparams(OmegaConf.to_container(config, resolve=True))
+    # Dashboards take flat scalar hyperparameters ("model.deter_dim": 200); null and lists become strings.
+    hyperparameters = flatten(OmegaConf.to_container(config, resolve=True))
+    logger.log_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hyperparameters.items()})
     return logger
 
 

@@ -37,6 +37,8 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.config import flatten
+
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dreamer_v1_dmc_scores.csv"
 DEFAULT_FRAMES = (100_000, 500_000, 1_000_000)
 EVAL_RETURN = "eval/return"
@@ -105,18 +107,6 @@ def eval_points(metrics: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         is_eval &= metrics["agent_steps"].isna()
     evals = metrics.loc[is_eval, ["frames", EVAL_RETURN]].drop_duplicates("frames", keep="last").sort_values("frames")
     return evals["frames"].to_numpy(dtype=np.int64), evals[EVAL_RETURN].to_numpy(dtype=np.float64)
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """Nested config dict -> ``{"section.key": value}``."""
-    flat: dict[str, object] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def is_ignored(key: str) -> bool:

@@ -1,0 +1,164 @@
+"""Learning checks: train several seeds of a preset, then write the learning curve (CSV, PNG) and a verdict (JSON).
+
+    python benchmarks/learning.py pendulum --seeds 0 1 2 --jobs 2
+    python benchmarks/learning.py dmc_cpu --seeds 0 --out benchmarks/results/learning_dmc_cpu
+    python benchmarks/learning.py pendulum --seeds 0 --set collector.total_frames=8000   # a short form
+
+Each seed runs ``python dreamer.py experiment=<preset> env.seed=<seed>`` in ``<out>/seed<seed>`` (threads split
+evenly between the parallel jobs). The curve is the evaluation return (deterministic policy) against environment
+frames, mean ± std over seeds, with the check's reference lines: the target and random acting for Pendulum, the
+authors' published Dreamer V1 returns for DMC tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.results import DEFAULT_REFERENCE, Run, collect_runs, load_reference  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A learning check: the preset it trains, and what its final evaluation return is compared with."""
+
+    preset: str
+    description: str
+    target: float | None = None
+    random_return: float | None = None
+
+
+CHECKS = {
+    "pendulum": Check(
+        preset="pendulum",
+        description="Pendulum-v1 from states, reduced model: mean eval return >= -400 within 30k frames",
+        target=-400.0,
+        random_return=-1200.0,
+    ),
+    "dmc_cpu": Check(
+        preset="dmc_cpu",
+        description="DMC cartpole-balance from pixels, reduced model, 100k frames, against the authors' returns",
+    ),
+}
+
+
+def run_seed(check: Check, seed: int, out: Path, overrides: list[str], threads: int) -> float:
+    """Trains one seed; returns its wall-clock minutes. Raises if the run fails."""
+    run_dir = out / f"seed{seed}"
+    command = [
+        sys.executable,
+        "dreamer.py",
+        f"experiment={check.preset}",
+        f"env.seed={seed}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    start = time.perf_counter()
+    with open(out / f"seed{seed}.log", "w") as log:
+        subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment, check=True)
+    return (time.perf_counter() - start) / 60
+
+
+def curve_table(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation frames ``[K]`` common to all runs and the returns ``[seeds, K]`` there."""
+    common = sorted(set.intersection(*(set(run.eval_frames.tolist()) for run in runs)))
+    returns = np.array([[run.eval_returns[run.eval_frames.tolist().index(f)] for f in common] for run in runs])
+    return np.array(common), returns
+
+
+def write_curve(path: Path, frames: np.ndarray, returns: np.ndarray, seeds: list[int]) -> None:
+    header = "frames,mean,std," + ",".join(f"seed{seed}" for seed in seeds)
+    std = returns.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(len(frames))
+    rows = np.column_stack([frames, returns.mean(axis=0), std, returns.T])
+    np.savetxt(path, rows, delimiter=",", header=header, comments="", fmt="%.6g")
+
+
+def plot_curve(
+    path: Path, title: str, frames: np.ndarray, returns: np.ndarray, check: Check, paper: dict[int, float]
+) -> None:
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    for run_returns in returns:
+        axes.plot(frames, run_returns, color="tab:blue", alpha=0.3, linewidth=0.8)
+    mean = returns.mean(axis=0)
+    axes.plot(frames, mean, color="tab:blue", linewidth=2, label=f"mean over {len(returns)} seeds")
+    if len(returns) > 1:
+        std = returns.std(axis=0, ddof=1)
+        axes.fill_between(frames, mean - std, mean + std, color="tab:blue", alpha=0.2)
+    if check.target is not None:
+        axes.axhline(check.target, color="tab:green", linestyle="--", label=f"target {check.target:g}")
+    if check.random_return is not None:
+        axes.axhline(check.random_return, color="tab:gray", linestyle=":", label=f"random ≈ {check.random_return:g}")
+    if paper:
+        points = sorted(paper.items())
+        axes.plot(*zip(*points, strict=True), "D", color="tab:red", label="Dreamer V1 (authors)")
+    axes.set(xlabel="environment frames", ylabel="eval return", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=sorted(CHECKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/learning_<check>")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra Hydra overrides")
+    args = parser.parse_args(argv)
+    check = CHECKS[args.check]
+    out = (args.out or ROOT / "benchmarks" / "results" / f"learning_{args.check}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads), args.seeds))
+
+    (task, runs), *_ = collect_runs([out]).items()
+    runs = sorted(runs, key=lambda run: run.seed)
+    frames, returns = curve_table(runs)
+    key = runs[0].reference_key
+    paper = load_reference(DEFAULT_REFERENCE).get(key, {}) if key and DEFAULT_REFERENCE.exists() else {}
+    write_curve(out / "curve.csv", frames, returns, args.seeds)
+    plot_curve(out / "curve.png", f"{task}: {check.description}", frames, returns, check, paper)
+    final = returns[:, -1]
+    verdict = {
+        "check": args.check,
+        "description": check.description,
+        "task": task,
+        "seeds": args.seeds,
+        "overrides": args.overrides,
+        "final_frames": int(frames[-1]),
+        "final_return_per_seed": final.tolist(),
+        "final_return_mean": float(final.mean()),
+        "target": check.target,
+        "passed": None if check.target is None else bool(final.mean() >= check.target),
+        "minutes_per_seed": minutes,
+        "jobs": args.jobs,
+        "threads_per_job": threads,
+        "paper": {str(f): v for f, v in paper.items()},
+    }
+    (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    print(
+        f"{task}: final eval return {final.mean():.1f} ± {final.std():.1f} at {frames[-1]} frames "
+        f"({', '.join(f'{m:.1f}' for m in minutes)} min per seed); curve: {out / 'curve.png'}"
+    )
+    return 0 if verdict["passed"] in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
