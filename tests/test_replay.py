@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tensordict import TensorDict
 
@@ -78,7 +80,7 @@ def test_sampled_sequences_never_cross_episode_boundaries_or_mix_envs(tmp_path) 
     lengths = [[7, 12, 6, 9, 15, 8], [10, 6, 11, 7, 9, 13]]
     streams = [scripted_stream(lengths[env], env) for env in range(2)]
     recorder = StepRecorder("observation", num_envs=2)
-    buffer = make_replay_buffer(1000, batch_length=6, storage="memmap", scratch_dir=tmp_path / "replay")
+    buffer = make_replay_buffer(1000, batch_length=6, storage="memmap", replay_dir=tmp_path / "replay")
     for batch in to_batches(streams, batch_len=5):
         buffer.extend(recorder.convert(batch))
     for _ in range(20):
@@ -108,3 +110,15 @@ def test_pixel_replay_stores_about_one_image_per_step(tmp_path) -> None:
     assert steps.shape == (21,)
     assert torch.equal(steps["pixels"], frames[0])
     assert 3 * 64 * 64 <= bytes_per_step < 3 * 64 * 64 + 100
+
+
+def test_saving_a_memmap_buffer_writes_metadata_in_place_without_copying(tmp_path) -> None:
+    replay_dir = tmp_path / "replay"
+    buffer = make_replay_buffer(1000, batch_length=4, storage="memmap", replay_dir=replay_dir)
+    steps = TensorDict({"pixels": torch.randint(0, 255, (50, 3, 64, 64), dtype=torch.uint8)}, batch_size=[50])
+    buffer.extend(steps)
+    buffer.dumps(replay_dir)
+    assert [p.relative_to(replay_dir) for p in replay_dir.rglob("pixels.memmap")] == [Path("storage/pixels.memmap")]
+    reopened = make_replay_buffer(1000, batch_length=4, storage="memmap", replay_dir=replay_dir)
+    reopened.loads(replay_dir)
+    assert len(reopened) == 50 and torch.equal(reopened[:50]["pixels"], steps["pixels"])
