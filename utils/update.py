@@ -85,18 +85,22 @@ class DreamerUpdate:
         return world_model_terms, actor_terms, value_terms
 
     def step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
-        """One update from ``batch [B, T]``; returns detached scalar metrics (losses, diagnostics, grad norms)."""
-        world_model_terms, actor_terms, value_terms = self.losses(batch)
-        objectives = {
-            "world_model": world_model_terms["loss_world_model"],
-            "actor": actor_terms["loss_actor"],
-            "value": value_terms["loss_value"],
-        }
-        # All gradients first: an optimiser step changes parameters in place that the other graphs still need.
-        gradients = {
-            name: torch.autograd.grad(self.scalers[name].scale(loss), self.parameters[name], allow_unused=True)
-            for name, loss in objectives.items()
-        }
+        """One update from ``batch [B, T]``; returns detached scalar metrics (losses, diagnostics, grad norms).
+
+        The same computation as ``losses(batch)`` followed by the three gradients, but the world model's gradient is
+        taken before imagining: its graph (the activations of all ``B*T`` frames) is freed before the behaviour
+        graphs are built, which lowers peak memory by about 40% and speeds a CPU update up by about 10%
+        (``benchmarks/throughput.py``). No optimiser steps before every gradient is taken: an optimiser step changes
+        parameters in place that the other graphs still need, and all three losses read the same parameters.
+        """
+        with self._autocast():
+            world_model_terms = self.world_model_loss(batch)
+        gradients = {"world_model": self._gradient("world_model", world_model_terms["loss_world_model"])}
+        with self._autocast():
+            actor_terms = self.actor_loss(batch)
+            value_terms = self.value_loss(actor_terms)
+        gradients["actor"] = self._gradient("actor", actor_terms["loss_actor"])
+        gradients["value"] = self._gradient("value", value_terms["loss_value"])
         grad_norms = {name: self._apply(name, grads) for name, grads in gradients.items()}
 
         metrics: dict[str, torch.Tensor] = {}
@@ -104,6 +108,10 @@ class DreamerUpdate:
             metrics.update(_scalar_entries(terms))
         metrics.update({f"grad_norm/{name}": norm for name, norm in grad_norms.items()})
         return metrics
+
+    def _gradient(self, name: str, loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradient of the (scaled) ``loss`` with respect to group ``name``'s parameters only."""
+        return torch.autograd.grad(self.scalers[name].scale(loss), self.parameters[name], allow_unused=True)
 
     def _apply(self, name: str, gradients: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         """Unscales, clips (norm ``grad_clip``) and applies one group's gradients; returns the pre-clip norm.

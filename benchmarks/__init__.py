@@ -1,0 +1,1 @@
+"""Throughput benchmarks: our Dreamer update against TorchRL's library components and a plain-PyTorch baseline."""
