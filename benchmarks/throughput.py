@@ -56,7 +56,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import tensordict  # noqa: E402
 import torch  # noqa: E402
 import torchrl  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tensordict import TensorDict, TensorDictBase  # noqa: E402
 from torchrl.collectors import Collector  # noqa: E402
@@ -67,6 +66,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type  # noqa: E4
 from benchmarks.plain_dreamer import PlainDreamer  # noqa: E402
 from benchmarks.torchrl_dreamer import TorchRLDreamer  # noqa: E402
 from utils.agent import Agent, EnvInfo, build_agent  # noqa: E402
+from utils.config import compose_config as project_config  # noqa: E402
 from utils.envs import add_recurrent_primer  # noqa: E402
 from utils.replay import make_replay_buffer, sample_sequences  # noqa: E402
 
@@ -109,8 +109,7 @@ class Settings:
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
     """The project's config with ``overrides``; the continue head is off, as on DMC (no baseline has one)."""
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, "model.continue_head=false"])
+    return project_config(*overrides, "model.continue_head=false")
 
 
 def random_pixels(shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:

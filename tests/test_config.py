@@ -6,16 +6,9 @@ import warnings
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from tests.cli import ROOT, run_dreamer
-from utils.config import ConfigError, apply_overrides, check_config, resolve_autocast, resolve_device
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+from tests.cli import run_dreamer
+from utils.config import ConfigError, apply_overrides, check_config, compose_config, resolve_autocast, resolve_device
 
 
 def test_defaults_are_the_papers() -> None:

@@ -22,16 +22,16 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 from tensordict import TensorDict
 from torchrl.envs import ExplorationType, set_exploration_type
 
 from modules.rssm import feature
+from tests.cli import ROOT, run_dreamer
 from utils.agent import build_agent
 from utils.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from utils.config import ConfigError
+from utils.config import ConfigError, compose_config
 from utils.dream_video import (
     LABEL_HEIGHT,
     PANEL,
@@ -52,7 +52,6 @@ from utils.eval_mode import (
 )
 from utils.evaluation import EpisodeResult, add_rgb_frames, evaluate_policy, to_uint8_frames
 
-ROOT = Path(__file__).resolve().parents[1]
 # One torch thread per process: on a busy 2-core machine OpenMP's second thread makes small convolutions ~100x slower
 # (measured 30 ms instead of 0.3 ms), and the command-line evaluations below run side by side anyway.
 SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -61,11 +60,6 @@ MEAN_LINE = re.compile(r"mean ± std over (\d+) episodes: return (-?\d+\.\d+) ±
 DREAM_EPISODES = 2
 # A dream video has one frame per observation: the reset observation and one per agent step.
 EXTRA_FRAMES = 1
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,15 +76,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A debug run of one collection batch (100 random frames, then its 2 updates); no periodic evaluation."""
     directory = tmp_path_factory.mktemp("debug_run")
     overrides = ["collector.total_frames=100", "collector.init_random_frames=100", "logger.eval_every=100000"]
-    result = subprocess.run(
-        [sys.executable, "dreamer.py", "experiment=debug", *overrides, f"hydra.run.dir={directory}"],
-        cwd=ROOT,
-        env=SINGLE_THREAD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_dreamer("experiment=debug", *overrides, f"hydra.run.dir={directory}", env=SINGLE_THREAD_ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     return directory
 

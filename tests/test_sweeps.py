@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from matplotlib.image import imread
-from omegaconf import DictConfig
 
+from tests.cli import ROOT, run_dreamer
+from utils.config import compose_config
 from utils.results import (
     Run,
     config_differences,
@@ -31,28 +31,15 @@ from utils.results import (
     value_at,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 RUN_NAMES = [f"{seed}_cartpole-balance_seed{seed}" for seed in SEEDS]
-
-
-def compose_with_hydra(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real two-seed multirun of the debug preset (evaluations at 200 and 400 frames)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    result = subprocess.run(
-        [sys.executable, "dreamer.py", "-m", "experiment=debug", "env.seed=0,1", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_dreamer("-m", "experiment=debug", "env.seed=0,1", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
 
@@ -320,13 +307,13 @@ def test_summary_and_markdown_table() -> None:
 
 
 def test_default_and_joblib_launchers_compose() -> None:
-    assert compose_with_hydra().hydra.launcher._target_.endswith("BasicLauncher")
-    joblib = compose_with_hydra("hydra/launcher=joblib", "hydra.launcher.n_jobs=2").hydra.launcher
+    assert compose_config(return_hydra_config=True).hydra.launcher._target_.endswith("BasicLauncher")
+    joblib = compose_config("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", return_hydra_config=True).hydra.launcher
     assert joblib._target_.endswith("JoblibLauncher") and joblib.n_jobs == 2
 
 
 def test_slurm_preset_selects_the_launcher_and_bfloat16_autocast() -> None:
-    cfg = compose_with_hydra("experiment=slurm", "env.name=walker", "env.task=walk")
+    cfg = compose_config("experiment=slurm", "env.name=walker", "env.task=walk", return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.nodes, launcher.tasks_per_node) == ("gpu", 1, 1, 1)
@@ -336,7 +323,7 @@ def test_slurm_preset_selects_the_launcher_and_bfloat16_autocast() -> None:
     assert cfg.optimization.autocast == "bfloat16"
     assert (cfg.env.name, cfg.env.task) == ("walker", "walk")
     # The launcher alone keeps the config's autocast.
-    assert compose_with_hydra("hydra/launcher=dreamer_slurm").optimization.autocast is False
+    assert compose_config("hydra/launcher=dreamer_slurm", return_hydra_config=True).optimization.autocast is False
 
 
 def test_slurm_sweep_submits_one_array_job_with_our_parameters(tmp_path: Path) -> None:

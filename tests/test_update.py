@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from tensordict import TensorDict
 
-from tests.cli import ROOT
 from utils.agent import Agent, build_agent
+from utils.config import compose_config
 
 B, T = 3, 6
 
 
-def debug_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        return compose(config_name="config", overrides=["experiment=debug", *overrides])
-
-
 def make_agent(*overrides: str, autocast_dtype: torch.dtype | None = None) -> Agent:
     torch.manual_seed(0)
-    return build_agent(debug_config(*overrides), torch.device("cpu"), autocast_dtype)
+    return build_agent(compose_config("experiment=debug", *overrides), torch.device("cpu"), autocast_dtype)
 
 
 def replay_batch(action_dim: int) -> TensorDict:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from utils.envs import validate_env_config
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 AUTOCAST_CHOICES = {"false": None, "true": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGGER_BACKENDS = ("wandb", "tensorboard", "csv", "none")
 MODES = ("train", "eval")
@@ -149,3 +152,9 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = value
     return flat
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """The project's composed config with ``overrides``, outside the command line (tests, benchmarks)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
