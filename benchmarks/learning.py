@@ -2,7 +2,7 @@
 
     python benchmarks/learning.py pendulum --seeds 0 1 2 --jobs 2
     python benchmarks/learning.py dmc_cpu --seeds 0 --out benchmarks/results/learning_dmc_cpu
-    python benchmarks/learning.py pendulum --seeds 0 --target -900 --set collector.total_frames=16000   # short form
+    python benchmarks/learning.py pendulum --seeds 0 --target -1000 --set collector.total_frames=18000   # short form
 
 Each seed runs ``python dreamer.py experiment=<preset> env.seed=<seed>`` in ``<out>/seed<seed>`` (threads split
 evenly between the parallel jobs). The curve is the evaluation return (deterministic policy) against environment
@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,7 +107,8 @@ def plot_curve(
     if paper:
         points = sorted(paper.items())
         axes.plot(*zip(*points, strict=True), "D", color="tab:red", label="Dreamer V1 (authors)")
-    axes.set(xlabel="environment frames", ylabel="eval return", title=title)
+    axes.set(xlabel="environment frames", ylabel="eval return")
+    axes.set_title(textwrap.fill(title, 80), fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
