@@ -123,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/learning_<check>")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra Hydra overrides")
     parser.add_argument("--target", type=float, default=None, help="pass mark for the final return (a short form's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per seed (default: cores / jobs)")
     args = parser.parse_args(argv)
     check = CHECKS[args.check]
     if args.target is not None:
         check = dataclasses.replace(check, target=args.target)
     out = (args.out or ROOT / "benchmarks" / "results" / f"learning_{args.check}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
         minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads), args.seeds))
 

@@ -30,7 +30,8 @@ def test_pendulum_learns(tmp_path: Path) -> None:
     else:
         # The preset cut short: the same run as the full check's seed 0, up to SHORT_FRAMES.
         overrides = [f"collector.total_frames={SHORT_FRAMES}"]
-        args = ["pendulum", "--seeds", "0", "--target", str(SHORT_TARGET), "--set", *overrides]
+        # One thread: the model is small, and a second OpenMP thread on a busy 2-core machine slows it down.
+        args = ["pendulum", "--seeds", "0", "--threads", "1", "--target", str(SHORT_TARGET), "--set", *overrides]
         frames, target = SHORT_FRAMES, SHORT_TARGET
     status = main([*args, "--out", str(tmp_path)])
 
