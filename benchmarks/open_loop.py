@@ -6,7 +6,7 @@
 
 The actor learns only from the prior's imagined rollouts, so a world model that reconstructs its inputs well but
 predicts poorly open-loop cannot teach it anything. For each ``--free-nats`` value the script trains a fresh world
-model (only the world model: ``WorldModelLoss`` and its Adam, sizes and rates from the config) for ``--updates``
+model (only the world model: ``DreamerUpdate.world_model_step``, sizes and rates from the config) for ``--updates``
 updates on ``--episodes`` episodes of uniformly random actions, then, on held-out random episodes, filters the
 first ``--context`` steps with the posterior and rolls the prior ``--horizon`` steps ahead with the recorded
 actions (using the prior's mean, no observations). It prints, per free-nats value and imagined step ``k``, the mean
@@ -32,13 +32,13 @@ from tensordict import TensorDict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from losses.world_model import WorldModelLoss  # noqa: E402
 from modules.rssm import feature  # noqa: E402
 from modules.world_model import WorldModel  # noqa: E402
 from utils.agent import build_agent  # noqa: E402
 from utils.config import compose_config  # noqa: E402
 from utils.envs import make_env  # noqa: E402
 from utils.replay import StepRecorder, make_replay_buffer, sample_sequences  # noqa: E402
+from utils.update import DreamerUpdate  # noqa: E402
 
 DEFAULT_OVERRIDES = ["experiment=pendulum"]
 HELD_OUT_SEED_OFFSET = 50_000
@@ -61,22 +61,15 @@ def random_episodes(cfg: DictConfig, episodes: int, seed_offset: int, obs_key: s
     return torch.stack(steps)
 
 
-def train_world_model(
-    world_model: WorldModel, loss: WorldModelLoss, data: TensorDict, cfg: DictConfig, updates: int
-) -> float:
-    """``updates`` Adam steps of the world-model loss on sequences sampled from ``data [E, T]``; returns the last KL."""
+def train_world_model(update: DreamerUpdate, data: TensorDict, cfg: DictConfig, updates: int) -> float:
+    """``updates`` world-model-only steps on sequences sampled from ``data [E, T]``; returns the last batch-mean KL."""
     replay = make_replay_buffer(data.numel(), cfg.replay_buffer.batch_length, "memory", None)
     replay.extend(data.reshape(-1))
-    optimiser = torch.optim.Adam(
-        world_model.parameters(), lr=cfg.optimization.world_model_lr, eps=cfg.optimization.adam_eps
-    )
     kl = float("nan")
     for _ in range(updates):
-        terms = loss(sample_sequences(replay, cfg.replay_buffer.batch_size, cfg.replay_buffer.batch_length))
-        optimiser.zero_grad()
-        terms["loss_world_model"].backward()
-        torch.nn.utils.clip_grad_norm_(world_model.parameters(), cfg.optimization.grad_clip)
-        optimiser.step()
+        terms = update.world_model_step(
+            sample_sequences(replay, cfg.replay_buffer.batch_size, cfg.replay_buffer.batch_length)
+        )
         kl = terms["kl"].item()
     return kl
 
@@ -120,11 +113,10 @@ def measure(cfg: DictConfig, free_nats: float, args: argparse.Namespace) -> list
     cfg.optimization.free_nats = free_nats
     torch.manual_seed(cfg.env.seed)
     agent = build_agent(cfg, torch.device("cpu"), None)
-    loss = agent.update.world_model_loss
     train = random_episodes(cfg, args.episodes, 0, agent.obs_key)
     held_out = random_episodes(cfg, args.held_out_episodes, HELD_OUT_SEED_OFFSET, agent.obs_key)
     start = time.perf_counter()
-    kl = train_world_model(agent.world_model, loss, train, cfg, args.updates)
+    kl = train_world_model(agent.update, train, cfg, args.updates)
     minutes = (time.perf_counter() - start) / 60
     errors = open_loop_errors(agent.world_model, held_out, args.context, args.horizon, cfg.optimization.reward_scale)
     return [

@@ -195,9 +195,7 @@ class OursUnderTest:
             self.update._apply(name, grads)
 
     def world_model_update(self, batch: TensorDictBase) -> None:
-        with self.update._autocast():
-            terms = self.update.world_model_loss(batch.copy())
-        self._apply({"world_model": terms["loss_world_model"]})
+        self.update.world_model_step(batch.copy())
 
     def start_states(self, batch: TensorDictBase) -> TensorDictBase:
         with torch.no_grad(), self.update._autocast():

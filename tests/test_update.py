@@ -52,6 +52,21 @@ def test_each_optimiser_changes_only_its_own_parameters(stepping: str) -> None:
     assert {"loss/world_model", "loss/actor", "loss/value", "grad_norm/actor"} <= set(metrics)
 
 
+def test_world_model_step_matches_the_world_model_part_of_a_full_step() -> None:
+    """With actor and value frozen, a full step and a world-model-only step leave the same world model."""
+    frozen = ("optimization.actor_lr=0.0", "optimization.value_lr=0.0")
+    full, alone = make_agent(*frozen), make_agent(*frozen)
+    actor_before, value_before = snapshot(alone.actor), snapshot(alone.value)
+    torch.manual_seed(3)
+    full.update.step(replay_batch(full.info.action_dim))
+    torch.manual_seed(3)
+    terms = alone.update.world_model_step(replay_batch(alone.info.action_dim))
+    for after_full, after_alone in zip(full.world_model.parameters(), alone.world_model.parameters(), strict=True):
+        torch.testing.assert_close(after_alone, after_full)
+    assert not changed(alone.actor, actor_before) and not changed(alone.value, value_before)
+    assert {"loss_world_model", "kl"} <= set(terms.keys())
+
+
 def test_gradients_are_clipped_per_group() -> None:
     agent = make_agent("optimization.grad_clip=0.001")
     metrics = agent.update.step(replay_batch(agent.info.action_dim))

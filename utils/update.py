@@ -109,6 +109,16 @@ class DreamerUpdate:
         metrics.update({f"grad_norm/{name}": norm for name, norm in grad_norms.items()})
         return metrics
 
+    def world_model_step(self, batch: TensorDictBase) -> TensorDictBase:
+        """Updates the world model alone from ``batch [B, T]`` (its optimiser, clipping and scaler); returns its terms.
+
+        For world-model-only training and timing (``benchmarks/``); a training run uses :meth:`step`.
+        """
+        with self._autocast():
+            terms = self.world_model_loss(batch)
+        self._apply("world_model", self._gradient("world_model", terms["loss_world_model"]))
+        return terms
+
     def _gradient(self, name: str, loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradient of the (scaled) ``loss`` with respect to group ``name``'s parameters only."""
         return torch.autograd.grad(self.scalers[name].scale(loss), self.parameters[name], allow_unused=True)
