@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads), args.seeds))
 
     (task, runs), *_ = collect_runs([out]).items()
-    runs = sorted(runs, key=lambda run: run.seed)
+    # Only the seeds trained now: ``out`` may hold other seeds' directories from earlier runs.
+    runs = sorted((run for run in runs if run.seed in args.seeds), key=lambda run: run.seed)
     frames, returns = curve_table(runs)
     key = runs[0].reference_key
     paper = load_reference(DEFAULT_REFERENCE).get(key, {}) if key and DEFAULT_REFERENCE.exists() else {}

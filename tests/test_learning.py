@@ -14,8 +14,11 @@ import os
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+import benchmarks.learning as learning
 from benchmarks.learning import CHECKS, main
+from utils.config import compose_config
 
 FULL = os.environ.get("DREAMER_FULL_LEARNING") == "1"
 SHORT_FRAMES = 18_000
@@ -40,3 +43,26 @@ def test_pendulum_learns(tmp_path: Path) -> None:
     assert verdict["final_frames"] == frames and verdict["target"] == target
     assert verdict["final_return_mean"] >= target, verdict
     assert status == 0 and verdict["passed"]
+
+
+def fake_run(out: Path, seed: int, final_return: float) -> None:
+    """A finished Pendulum run of ``seed`` in ``out/seed<seed>``: its config and two evaluation rows."""
+    run_dir = out / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(compose_config("experiment=pendulum", f"env.seed={seed}"), run_dir / "config.yaml")
+    (run_dir / "metrics.csv").write_text(f"frames,eval/return\n2000,-1500\n4000,{final_return}\n")
+
+
+def test_the_verdict_counts_only_the_seeds_trained_now(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seed directory left in ``--out`` by an earlier run must not enter this run's curve or verdict."""
+    fake_run(tmp_path, seed=5, final_return=-1400.0)  # stale
+
+    def train(check, seed: int, out: Path, overrides: list[str], threads: int) -> float:
+        fake_run(out, seed, final_return=-300.0 - seed)
+        return 1.0
+
+    monkeypatch.setattr(learning, "run_seed", train)
+    assert main(["pendulum", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdict["final_return_per_seed"] == [-300.0, -301.0] and verdict["passed"]
+    assert (tmp_path / "curve.csv").read_text().splitlines()[0].count("seed") == 2
