@@ -49,11 +49,16 @@ def test_errors_line_up_with_the_imagined_steps() -> None:
     assert errors["observation"].shape == (horizon,)
 
 
-def test_tiny_run_writes_one_record_per_free_nats_and_step(tmp_path: Path) -> None:
+def test_tiny_run_writes_one_record_per_variant_and_step(tmp_path: Path) -> None:
     out = tmp_path / "open_loop.json"
-    args = ["--free-nats", "3", "0", "--updates", "2", "--episodes", "1", "--held-out-episodes", "2"]
-    assert main([*args, "--context", "3", "--horizon", "4", "--json", str(out), *TINY_PENDULUM]) == 0
+    variants = ["--variant", "optimization.free_nats=3 optimization.kl_scale=1", "--variant", ""]
+    args = [*variants, "--updates", "2", "--episodes", "1", "--held-out-episodes", "2", "--context", "3"]
+    assert main([*args, "--horizon", "4", "--json", str(out), *TINY_PENDULUM]) == 0
     records = json.loads(out.read_text())
-    assert [(r["free_nats"], r["step"]) for r in records] == [(f, k) for f in (3.0, 0.0) for k in range(1, 5)]
+    preset = compose_config(*TINY_PENDULUM).optimization
+    expected = [(3.0, 1.0, k) for k in range(1, 5)] + [(preset.free_nats, preset.kl_scale, k) for k in range(1, 5)]
+    assert [(r["free_nats"], r["kl_scale"], r["step"]) for r in records] == expected
     for record in records:
         assert all(torch.isfinite(torch.tensor(float(record[key]))) for key in ("observation_mse", "reward_mse"))
+    # Both variants saw the same held-out data.
+    assert records[0]["copy_last_mse"] == records[4]["copy_last_mse"]
