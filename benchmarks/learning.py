@@ -88,6 +88,15 @@ def write_curve(path: Path, frames: np.ndarray, returns: np.ndarray, seeds: list
     np.savetxt(path, rows, delimiter=",", header=header, comments="", fmt="%.6g")
 
 
+def reference_points(paper: dict[int, float], last_frame: int) -> list[tuple[int, float]]:
+    """The authors' ``(frames, return)`` points up to ``last_frame``, or their first one if none is that early.
+
+    Points far beyond the run (500k and 1M frames for a 100k-frame check) would squash its curve.
+    """
+    horizon = max(last_frame, min(paper, default=0))
+    return [(frames, value) for frames, value in sorted(paper.items()) if frames <= horizon]
+
+
 def plot_curve(
     path: Path, title: str, frames: np.ndarray, returns: np.ndarray, check: Check, paper: dict[int, float]
 ) -> None:
@@ -96,7 +105,8 @@ def plot_curve(
     for run_returns in returns:
         axes.plot(frames, run_returns, color="tab:blue", alpha=0.3, linewidth=0.8)
     mean = returns.mean(axis=0)
-    axes.plot(frames, mean, color="tab:blue", linewidth=2, label=f"mean over {len(returns)} seeds")
+    seeds = f"{len(returns)} seed{'s' if len(returns) > 1 else ''}"
+    axes.plot(frames, mean, color="tab:blue", linewidth=2, label=f"mean over {seeds}")
     if len(returns) > 1:
         std = returns.std(axis=0, ddof=1)
         axes.fill_between(frames, mean - std, mean + std, color="tab:blue", alpha=0.2)
@@ -104,8 +114,8 @@ def plot_curve(
         axes.axhline(check.target, color="tab:green", linestyle="--", label=f"target {check.target:g}")
     if check.random_return is not None:
         axes.axhline(check.random_return, color="tab:gray", linestyle=":", label=f"random ≈ {check.random_return:g}")
-    if paper:
-        points = sorted(paper.items())
+    points = reference_points(paper, int(frames[-1]))
+    if points:
         axes.plot(*zip(*points, strict=True), "D", color="tab:red", label="Dreamer V1 (authors)")
     axes.set(xlabel="environment frames", ylabel="eval return")
     axes.set_title(textwrap.fill(title, 80), fontsize=9)

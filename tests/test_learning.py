@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import benchmarks.learning as learning
-from benchmarks.learning import CHECKS, main
+from benchmarks.learning import CHECKS, main, reference_points
 from utils.config import compose_config
 
 FULL = os.environ.get("DREAMER_FULL_LEARNING") == "1"
@@ -66,3 +66,11 @@ def test_the_verdict_counts_only_the_seeds_trained_now(tmp_path: Path, monkeypat
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["final_return_per_seed"] == [-300.0, -301.0] and verdict["passed"]
     assert (tmp_path / "curve.csv").read_text().splitlines()[0].count("seed") == 2
+
+
+def test_the_plot_shows_the_authors_returns_within_the_runs_length() -> None:
+    paper = {1_000_000: 988.0, 100_000: 472.0, 500_000: 982.0}
+    assert reference_points(paper, 100_000) == [(100_000, 472.0)]
+    assert reference_points(paper, 20_000) == [(100_000, 472.0)]  # none that early: the first one
+    assert reference_points(paper, 600_000) == [(100_000, 472.0), (500_000, 982.0)]
+    assert reference_points({}, 30_000) == []
