@@ -9,6 +9,10 @@ For a ``[B, T]`` batch, with every term averaged over ``B`` and ``T``:
 * KL: ``kl_scale * max(mean KL(posterior || prior), free_nats)``, the KL of diagonal Gaussians summed
   over the stochastic dims; free nats clamp the *batch-averaged* KL, so below them the term is
   constant and gives no gradient.
+  With ``kl_balance = a`` (KL balancing, DreamerV2: Hafner et al., 2021, Sec. 2) the same value is split
+  into ``a * max(mean KL(sg(posterior) || prior), free_nats) + (1 - a) * max(mean KL(posterior || sg(prior)),
+  free_nats)`` (``sg``: stop-gradient): the prior is pulled toward the posterior with weight ``a``, the
+  posterior toward the prior with ``1 - a``. ``kl_balance = None`` is Dreamer V1 (both with weight 1).
 
 ``loss_world_model`` is their sum and the only term to backpropagate; the named terms are
 returned detached, for logging.
@@ -79,8 +83,12 @@ class WorldModelLoss(LossModule):
         kl_scale: float,
         continue_scale: float,
         reward_scale: float = 1.0,
+        kl_balance: float | None = None,
     ) -> None:
         super().__init__()
+        if kl_balance is not None and not 0.0 <= kl_balance <= 1.0:
+            raise ValueError(f"kl_balance={kl_balance} must be null or in [0, 1]")
+        self.kl_balance = kl_balance
         self.world_model = world_model
         self.reward_scale = reward_scale
         self.free_nats = free_nats
@@ -105,8 +113,9 @@ class WorldModelLoss(LossModule):
         observation = sum_event_mean_batch_time(unit_gaussian_nll(get("reconstruction"), get(OBS_FLOAT_KEY)))
         reward_target = self.reward_scale * get(self.tensor_keys.reward)
         reward = sum_event_mean_batch_time(unit_gaussian_nll(get("reward_pred"), reward_target))
-        kl = diagonal_gaussian_kl(get("post_mean"), get("post_std"), get("prior_mean"), get("prior_std")).mean()
-        kl_term = self.kl_scale * kl.clamp_min(self.free_nats)
+        posterior, prior = (get("post_mean"), get("post_std")), (get("prior_mean"), get("prior_std"))
+        kl = diagonal_gaussian_kl(*posterior, *prior).mean()
+        kl_term = self.kl_scale * self._clamped_kl(kl, posterior, prior)
         terms = {"loss_observation": observation, "loss_reward": reward, "loss_kl": kl_term}
         if self.use_continue:
             continue_target = 1.0 - get(self.tensor_keys.terminated)
@@ -118,3 +127,20 @@ class WorldModelLoss(LossModule):
             {"loss_world_model": total, "kl": kl.detach(), **{name: term.detach() for name, term in terms.items()}},
             batch_size=[],
         )
+
+    def _clamped_kl(
+        self, kl: torch.Tensor, posterior: tuple[torch.Tensor, torch.Tensor], prior: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The KL term before ``kl_scale``: free nats, and with ``kl_balance`` the gradient split between the sides.
+
+        ``posterior`` and ``prior`` are ``(mean, std)`` pairs of shape ``[B, T, S]``; ``kl`` is their batch-mean KL.
+        """
+        if self.kl_balance is None:
+            return kl.clamp_min(self.free_nats)
+        detached_posterior = tuple(x.detach() for x in posterior)
+        detached_prior = tuple(x.detach() for x in prior)
+        kl_prior_side = diagonal_gaussian_kl(*detached_posterior, *prior).mean()
+        kl_posterior_side = diagonal_gaussian_kl(*posterior, *detached_prior).mean()
+        return self.kl_balance * kl_prior_side.clamp_min(self.free_nats) + (
+            1.0 - self.kl_balance
+        ) * kl_posterior_side.clamp_min(self.free_nats)

@@ -51,6 +51,7 @@ def test_overrides_and_the_debug_preset() -> None:
         ("optimization.autocast=int8", "Unknown optimization.autocast 'int8'"),
         ("replay_buffer.batch_size=0", "replay_buffer.batch_size=0 must be a positive integer"),
         ("mode=play", "Unknown mode 'play'"),
+        ("optimization.kl_balance=1.5", "optimization.kl_balance=1.5 must be null (Dreamer V1) or a number in [0, 1]"),
     ],
 )
 def test_bad_values_give_one_line_naming_them(override: str, message: str) -> None:

@@ -19,8 +19,16 @@ from tests.test_world_model import paper_model_cfg, replay_batch, tiny_world_mod
 PIXELS = (3, 64, 64)
 
 
-def make_loss(world_model: WorldModel, free_nats: float = 3.0, kl_scale: float = 1.0, continue_scale: float = 10.0):
-    return WorldModelLoss(world_model, free_nats=free_nats, kl_scale=kl_scale, continue_scale=continue_scale)
+def make_loss(
+    world_model: WorldModel,
+    free_nats: float = 3.0,
+    kl_scale: float = 1.0,
+    continue_scale: float = 10.0,
+    kl_balance: float | None = None,
+) -> WorldModelLoss:
+    return WorldModelLoss(
+        world_model, free_nats=free_nats, kl_scale=kl_scale, continue_scale=continue_scale, kl_balance=kl_balance
+    )
 
 
 def run_loss(loss: WorldModelLoss, td: TensorDict, seed: int = 0) -> TensorDict:
@@ -132,6 +140,45 @@ def test_kl_scale_scales_the_kl_term_and_its_gradient() -> None:
     unit_gradient = prior_head_gradient(make_loss(world_model, free_nats=0.0, kl_scale=1.0), td)
     scaled_gradient = prior_head_gradient(make_loss(world_model, free_nats=0.0, kl_scale=3.0), td)
     torch.testing.assert_close(scaled_gradient, 3.0 * unit_gradient)
+
+
+@pytest.mark.parametrize("balance", [0.8, 0.3])
+def test_kl_balance_keeps_the_value_and_splits_the_gradient(balance: float) -> None:
+    generator = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(2, 3, 5, generator=generator) for _ in range(2)]
+    leaves += [torch.rand(2, 3, 5, generator=generator) + 0.2 for _ in range(2)]
+    mean_q, mean_p, std_q, std_p = (leaf.requires_grad_() for leaf in leaves)
+    reference = kl_divergence(Independent(Normal(mean_q, std_q), 1), Independent(Normal(mean_p, std_p), 1)).mean()
+    reference_gradients = torch.autograd.grad(reference, (mean_q, std_q, mean_p, std_p))
+
+    loss = make_loss(tiny_world_model((5,), from_pixels=False), free_nats=0.0, kl_balance=balance)
+    balanced = loss._clamped_kl(reference.detach(), (mean_q, std_q), (mean_p, std_p))
+    gradients = torch.autograd.grad(balanced, (mean_q, std_q, mean_p, std_p))
+
+    torch.testing.assert_close(balanced, reference)
+    weights = (1 - balance, 1 - balance, balance, balance)  # posterior side, then prior side
+    for gradient, reference_gradient, weight in zip(gradients, reference_gradients, weights, strict=True):
+        torch.testing.assert_close(gradient, weight * reference_gradient)
+
+
+def test_kl_balance_in_the_full_loss_scales_the_prior_gradient_and_keeps_free_nats() -> None:
+    world_model = tiny_world_model(PIXELS, from_pixels=True)
+    td = replay_batch(2, 4, PIXELS, from_pixels=True)
+    plain = run_loss(make_loss(world_model, free_nats=0.0), td.clone())
+    balanced = run_loss(make_loss(world_model, free_nats=0.0, kl_balance=0.8), td.clone())
+    torch.testing.assert_close(balanced["loss_world_model"], plain["loss_world_model"])
+    plain_gradient = prior_head_gradient(make_loss(world_model, free_nats=0.0), td)
+    balanced_gradient = prior_head_gradient(make_loss(world_model, free_nats=0.0, kl_balance=0.8), td)
+    torch.testing.assert_close(balanced_gradient, 0.8 * plain_gradient)
+    above_kl = plain["kl"].item() + 1.0
+    clamped = make_loss(world_model, free_nats=above_kl, kl_balance=0.8)
+    torch.testing.assert_close(run_loss(clamped, td.clone())["loss_kl"], torch.tensor(above_kl))
+    assert torch.count_nonzero(prior_head_gradient(clamped, td)) == 0
+
+
+def test_kl_balance_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"kl_balance=1\.2 must be null or in"):
+        make_loss(tiny_world_model((5,), from_pixels=False), kl_balance=1.2)
 
 
 def test_continue_scale_scales_the_continue_term() -> None:

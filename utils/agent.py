@@ -115,6 +115,7 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         kl_scale=opt.kl_scale,
         continue_scale=opt.continue_scale,
         reward_scale=opt.reward_scale,
+        kl_balance=opt.kl_balance,
     )
     actor_loss = ActorLoss(
         world_model.rssm.prior,

@@ -91,6 +91,9 @@ def validate_config(cfg: DictConfig) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
+    kl_balance = cfg.optimization.kl_balance
+    if kl_balance is not None and not (isinstance(kl_balance, (int, float)) and 0 <= kl_balance <= 1):
+        raise ConfigError(f"optimization.kl_balance={kl_balance!r} must be null (Dreamer V1) or a number in [0, 1]")
     if cfg.optimization.imagination_horizon < 2:
         raise ConfigError(
             f"optimization.imagination_horizon={cfg.optimization.imagination_horizon} must be at least 2 "
