@@ -14,8 +14,9 @@ ahead with the recorded actions (using the prior's mean, no observations). It pr
 ``k``, the mean squared error of the decoded observation and of the predicted reward (in environment units) against
 the recorded ones, with two baselines: predicting the last filtered observation ("copy last") and the variance of
 the data. It also reports the final mean KL (free nats clamp the loss below their value: where the KL sits below,
-the prior gets no gradient). The default variants compare the Pendulum preset with the paper's free nats and
-with a 100× lighter KL term. JSON: one record per (variant, step), with the variant's ``free_nats`` and ``kl_scale``.
+the prior gets no gradient). The default variants compare the Pendulum preset (KL balancing) with the paper's KL term, with
+no free nats and no balancing, and with a 100× lighter KL term. JSON: one record per (variant, step), with the
+variant's ``free_nats``, ``kl_scale`` and ``kl_balance``.
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ def open_loop_errors(
 
 
 DEFAULT_VARIANTS = [
-    "optimization.free_nats=3",  # the paper's free nats
-    "",  # the preset as it is (free nats 0)
-    "optimization.kl_scale=0.01",  # a lighter KL term: the posterior keeps more detail for the prior to predict
+    "optimization.free_nats=3 optimization.kl_balance=null",  # the paper's KL term
+    "optimization.kl_balance=null",  # free nats 0, no KL balancing
+    "optimization.kl_balance=null optimization.kl_scale=0.01",  # a lighter KL term: the posterior keeps more detail
+    "",  # the preset as it is (free nats 0, KL balancing 0.8)
 ]
 
 
@@ -132,6 +134,7 @@ def measure(
             "variant": variant,
             "free_nats": cfg.optimization.free_nats,
             "kl_scale": cfg.optimization.kl_scale,
+            "kl_balance": cfg.optimization.kl_balance,
             "step": k + 1,
             "observation_mse": errors["observation"][k].item(),
             "copy_last_mse": errors["copy_last"][k].item(),
@@ -148,18 +151,20 @@ def measure(
 
 def print_table(records: list[dict[str, Any]], steps: list[int]) -> None:
     print(
-        f"{'free nats':>9} {'KL scale':>8} {'KL':>6} | " + " | ".join(f"step {k:>2}: obs / reward MSE" for k in steps)
+        f"{'free nats':>9} {'KL scale':>8} {'balance':>7} {'KL':>6} | "
+        + " | ".join(f"step {k:>2}: obs / reward MSE" for k in steps)
     )
     for variant in dict.fromkeys(r["variant"] for r in records):
         rows = {r["step"]: r for r in records if r["variant"] == variant}
         first = rows[1]
         cells = " | ".join(f"{rows[k]['observation_mse']:10.3f} / {rows[k]['reward_mse']:8.2f}" for k in steps)
-        print(f"{first['free_nats']:>9g} {first['kl_scale']:>8g} {first['final_kl']:6.2f} | {cells}")
+        balance = "-" if first["kl_balance"] is None else f"{first['kl_balance']:g}"
+        print(f"{first['free_nats']:>9g} {first['kl_scale']:>8g} {balance:>7} {first['final_kl']:6.2f} | {cells}")
     first = records[0]
     baseline = " | ".join(
         f"{next(r['copy_last_mse'] for r in records if r['step'] == k):10.3f} / {'':>8}" for k in steps
     )
-    print(f"{'copy last':>25} | {baseline}")
+    print(f"{'copy last':>33} | {baseline}")
     print(f"data variance: observation {first['observation_var']:.3f}, reward {first['reward_var']:.2f}")
 
 

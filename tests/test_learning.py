@@ -1,10 +1,10 @@
 """The Pendulum learning check, end to end through ``benchmarks/learning.py`` (train, evaluate, curve, verdict).
 
-By default (CI) the short form runs: one seed, ``SHORT_FRAMES`` frames, pass mark ``SHORT_TARGET``: above the -1200
-of random acting, and above the -1100 to -1600 this agent scored at 13-20k frames while its world model did not
-learn (paper free nats on a state vector). The three seeds of the full check scored -807, -887 and -811 there.
-``DREAMER_FULL_LEARNING=1`` runs the issue's full check instead: three seeds, 30k frames, mean final evaluation
-return of at least -400.
+By default (CI) the short form runs: one seed, ``SHORT_FRAMES`` frames, pass mark ``SHORT_TARGET``: far above the -1200
+of random acting and the -1600 of the deterministic policy before learning. The three seeds of the full check scored
+-160, -239 and -204 at 16k frames; the preset without KL balancing scored -748, -933 and -1114 there, so losing it
+fails this test. ``DREAMER_FULL_LEARNING=1`` runs the issue's full check instead: three seeds, 30k frames, mean final
+evaluation return of at least -400.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from benchmarks.learning import CHECKS, main, reference_points
 from utils.config import compose_config
 
 FULL = os.environ.get("DREAMER_FULL_LEARNING") == "1"
-SHORT_FRAMES = 18_000
-SHORT_TARGET = -1000.0
+SHORT_FRAMES = 16_000
+SHORT_TARGET = -600.0
 
 
 @pytest.mark.slow

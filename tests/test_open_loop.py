@@ -51,13 +51,13 @@ def test_errors_line_up_with_the_imagined_steps() -> None:
 
 def test_tiny_run_writes_one_record_per_variant_and_step(tmp_path: Path) -> None:
     out = tmp_path / "open_loop.json"
-    variants = ["--variant", "optimization.free_nats=3 optimization.kl_scale=1", "--variant", ""]
+    variants = ["--variant", "optimization.free_nats=3 optimization.kl_balance=null", "--variant", ""]
     args = [*variants, "--updates", "2", "--episodes", "1", "--held-out-episodes", "2", "--context", "3"]
     assert main([*args, "--horizon", "4", "--json", str(out), *TINY_PENDULUM]) == 0
     records = json.loads(out.read_text())
     preset = compose_config(*TINY_PENDULUM).optimization
-    expected = [(3.0, 1.0, k) for k in range(1, 5)] + [(preset.free_nats, preset.kl_scale, k) for k in range(1, 5)]
-    assert [(r["free_nats"], r["kl_scale"], r["step"]) for r in records] == expected
+    expected = [(3.0, None, k) for k in range(1, 5)] + [(preset.free_nats, preset.kl_balance, k) for k in range(1, 5)]
+    assert [(r["free_nats"], r["kl_balance"], r["step"]) for r in records] == expected
     for record in records:
         assert all(torch.isfinite(torch.tensor(float(record[key]))) for key in ("observation_mse", "reward_mse"))
     # Both variants saw the same held-out data.
