@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "benchmarks" / "results" / f"learning_{args.check}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    for seed in args.seeds:  # a re-run replaces the seed's earlier results (dreamer.py refuses a used run directory)
+        shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads), args.seeds))
 

@@ -14,9 +14,9 @@ ahead with the recorded actions (using the prior's mean, no observations). It pr
 ``k``, the mean squared error of the decoded observation and of the predicted reward (in environment units) against
 the recorded ones, with two baselines: predicting the last filtered observation ("copy last") and the variance of
 the data. It also reports the final mean KL (free nats clamp the loss below their value: where the KL sits below,
-the prior gets no gradient). The default variants compare the Pendulum preset (KL balancing) with the paper's KL term, with
-no free nats and no balancing, and with a 100× lighter KL term. JSON: one record per (variant, step), with the
-variant's ``free_nats``, ``kl_scale`` and ``kl_balance``.
+the prior gets no gradient). The default variants compare the Pendulum preset (KL balancing) with the paper's KL
+term, with no free nats and no balancing, and with a 100× lighter KL term. JSON: one record per (variant, step), with
+the variant's ``free_nats``, ``kl_scale`` and ``kl_balance``.
 """
 
 from __future__ import annotations

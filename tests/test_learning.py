@@ -68,6 +68,18 @@ def test_the_verdict_counts_only_the_seeds_trained_now(tmp_path: Path, monkeypat
     assert (tmp_path / "curve.csv").read_text().splitlines()[0].count("seed") == 2
 
 
+def test_a_rerun_replaces_the_seeds_earlier_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_run(tmp_path, seed=0, final_return=-1400.0)  # an earlier run of the same seed
+
+    def train(check, seed: int, out: Path, overrides: list[str], threads: int) -> float:
+        fake_run(out, seed, final_return=-250.0)  # fails if the earlier run's directory is still there
+        return 1.0
+
+    monkeypatch.setattr(learning, "run_seed", train)
+    assert main(["pendulum", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "verdict.json").read_text())["final_return_per_seed"] == [-250.0]
+
+
 def test_the_plot_shows_the_authors_returns_within_the_runs_length() -> None:
     paper = {1_000_000: 988.0, 100_000: 472.0, 500_000: 982.0}
     assert reference_points(paper, 100_000) == [(100_000, 472.0)]

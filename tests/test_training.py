@@ -161,6 +161,15 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(debug_run: Path, tmp_
     assert "last.pt" in result.stderr and "truncated" in result.stderr
 
 
+def test_a_new_run_in_the_directory_of_another_is_one_clear_line(debug_run: Path) -> None:
+    metrics_before = (debug_run / "metrics.csv").read_bytes()
+    result = run_dreamer("experiment=debug", f"hydra.run.dir={debug_run}")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"already holds a run (metrics.csv); continue it with resume={debug_run}" in result.stderr
+    assert (debug_run / "metrics.csv").read_bytes() == metrics_before
+
+
 @pytest.mark.parametrize(
     ("backend", "expected"),
     [

@@ -18,7 +18,14 @@ from torchrl.data import TensorDictReplayBuffer
 
 from utils.agent import Agent, build_agent
 from utils.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
-from utils.config import check_config, command_line_overrides, resolve_autocast, resolve_device, restore_config
+from utils.config import (
+    ConfigError,
+    check_config,
+    command_line_overrides,
+    resolve_autocast,
+    resolve_device,
+    restore_config,
+)
 from utils.replay import StepRecorder
 
 
@@ -48,6 +55,8 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
         with open_dict(cfg):
             cfg.resume = str(run_dir)
     check_config(cfg)
+    if payload is None:
+        refuse_finished_or_started_run(run_dir)
     device = resolve_device(cfg.device)
     seed_everything(cfg.env.seed)
     agent = build_agent(cfg, device, resolve_autocast(cfg.optimization.autocast, device))
@@ -60,6 +69,16 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     return cfg, agent, state
+
+
+def refuse_finished_or_started_run(run_dir: Path) -> None:
+    """A new run must not write into the directory of another: its metrics would be appended to theirs."""
+    for name in ("metrics.csv", "checkpoints/last.pt"):
+        if (run_dir / name).exists():
+            raise ConfigError(
+                f"Run directory {run_dir} already holds a run ({name}); continue it with resume={run_dir} "
+                "or start a new one in another hydra.run.dir"
+            )
 
 
 def seed_everything(seed: int) -> None:
