@@ -3,6 +3,8 @@
     python benchmarks/learning.py pendulum --seeds 0 1 2 --jobs 2
     python benchmarks/learning.py dmc_cpu --seeds 0 --out benchmarks/results/learning_dmc_cpu
     python benchmarks/learning.py pendulum --seeds 0 --target -1000 --set collector.total_frames=18000   # short form
+    python benchmarks/learning.py dmc_cpu --seeds 0 1 --pack                # archive checkpoints + replay for git
+    python benchmarks/learning.py dmc_cpu --seeds 0 1 2 --jobs 2 --resume   # continue (unpacking archives) or start
 
 Each seed runs ``python dreamer.py experiment=<preset> env.seed=<seed>`` in ``<out>/seed<seed>`` (threads split
 evenly between the parallel jobs). The curve is the evaluation return (deterministic policy) against environment
@@ -57,22 +59,49 @@ CHECKS = {
 }
 
 
-def run_seed(check: Check, seed: int, out: Path, overrides: list[str], threads: int) -> float:
-    """Trains one seed; returns its wall-clock minutes. Raises if the run fails."""
+def run_seed(check: Check, seed: int, out: Path, overrides: list[str], threads: int, resume: bool) -> float:
+    """Trains one seed (continues it from its last checkpoint with ``resume``); returns its wall-clock minutes in
+    this call. Raises if the run fails."""
     run_dir = out / f"seed{seed}"
-    command = [
-        sys.executable,
-        "dreamer.py",
-        f"experiment={check.preset}",
-        f"env.seed={seed}",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-    ]
+    if resume and (run_dir / "checkpoints" / "last.pt").exists():
+        start_or_resume = [f"resume={run_dir}"]
+    else:
+        start_or_resume = [f"experiment={check.preset}", f"env.seed={seed}", f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "dreamer.py", *start_or_resume, f"num_threads={threads}", *overrides]
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     start = time.perf_counter()
-    with open(out / f"seed{seed}.log", "w") as log:
+    with open(out / f"seed{seed}.log", "a" if resume else "w") as log:
         subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment, check=True)
     return (time.perf_counter() - start) / 60
+
+
+def resume_archive(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}.resume.tar.xz"
+
+
+def pack_seed(out: Path, seed: int) -> Path:
+    """Packs what a seed needs to continue (``checkpoints/last.pt`` and ``replay/``) into ``seed<N>.resume.tar.xz``.
+
+    A session's run directories are not kept (git ignores checkpoints and replay), so a check that takes longer
+    than a session commits this archive and the next session's ``--resume`` unpacks it. The memory-mapped replay is
+    a sparse file of the buffer's full capacity: ``tar --sparse`` stores only its filled part, and pixels of
+    DMC tasks compress well with xz (cartpole: about 1 KB per stored step; the checkpoint itself barely shrinks).
+    """
+    archive = resume_archive(out, seed)
+    members = [f"seed{seed}/checkpoints/last.pt", f"seed{seed}/replay"]
+    partial = archive.with_suffix(".partial")
+    subprocess.run(["tar", "--sparse", "-C", str(out), "-cJf", str(partial), *members], check=True)
+    partial.replace(archive)
+    return archive
+
+
+def unpack_seed(out: Path, seed: int) -> bool:
+    """Restores a seed's checkpoint and replay from its archive when the run directory lacks them; True if done."""
+    archive = resume_archive(out, seed)
+    if (out / f"seed{seed}" / "checkpoints" / "last.pt").exists() or not archive.exists():
+        return False
+    subprocess.run(["tar", "--sparse", "-C", str(out), "-xJf", str(archive)], check=True)
+    return True
 
 
 def curve_table(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra Hydra overrides")
     parser.add_argument("--target", type=float, default=None, help="pass mark for the final return (a short form's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed (default: cores / jobs)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each seed from its last checkpoint, unpacking seed<N>.resume.tar.xz where the run directory "
+        "has none (start seeds that have neither)",
+    )
+    parser.add_argument(
+        "--pack", action="store_true", help="only pack each seed's checkpoint and replay into seed<N>.resume.tar.xz"
+    )
     args = parser.parse_args(argv)
     check = CHECKS[args.check]
     if args.target is not None:
@@ -142,10 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "benchmarks" / "results" / f"learning_{args.check}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    for seed in args.seeds:  # a re-run replaces the seed's earlier results (dreamer.py refuses a used run directory)
-        shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
+    if args.pack:
+        for seed in args.seeds:
+            print(f"packed {pack_seed(out, seed)}")
+        return 0
+    if args.resume:
+        for seed in args.seeds:
+            if unpack_seed(out, seed):
+                print(f"unpacked {resume_archive(out, seed)}")
+    if not args.resume:  # a re-run replaces the seed's earlier results (dreamer.py refuses a used run directory)
+        for seed in args.seeds:
+            shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads), args.seeds))
+        minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads, args.resume), args.seeds))
 
     (task, runs), *_ = collect_runs([out]).items()
     # Only the seeds trained now: ``out`` may hold other seeds' directories from earlier runs.

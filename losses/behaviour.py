@@ -27,6 +27,10 @@ from losses.lambda_return import discount_weights, lambda_return
 from modules.actor import Actor
 from modules.rssm import RSSMPrior, feature
 
+# An action component with |a| above this counts as saturated (at the tanh's bound).
+SATURATION = 0.99
+SATURATION_KEYS = ("actor/mean_abs", "actor/std_median", "actor/saturated_fraction")
+
 
 def imagine(
     prior: RSSMPrior, actor: Actor, start_deter: torch.Tensor, start_stoch: torch.Tensor, horizon: int
@@ -37,15 +41,22 @@ def imagine(
     straight-through), and the prior samples the next state from ``(h_t, z_t, a_t)``. Returns time-major tensors
     of the ``H`` imagined states after the start (the start is not included): ``deter [H, N, D]``,
     ``stoch [H, N, S]``, ``feature [H, N, F]``, ``action [H, N, A]`` (``action[t]`` led to state ``t``, as in the
-    replay convention) and ``action_log_prob [H, N]`` (detached; for the sample-based entropy estimate).
+    replay convention) and ``action_log_prob [H, N]`` (detached; for the sample-based entropy estimate). A
+    continuous (tanh-Gaussian) actor also gives its detached pre-tanh ``action_mean [H, N, A]`` and
+    ``action_std [H, N, A]``, for the saturation diagnostics.
     """
     deter, stoch = start_deter.detach(), start_stoch.detach()
-    steps: dict[str, list[torch.Tensor]] = {key: [] for key in ("deter", "stoch", "action", "action_log_prob")}
+    keys = ("deter", "stoch", "action", "action_log_prob") + (() if actor.discrete else ("action_mean", "action_std"))
+    steps: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     for _ in range(horizon):
         policy = actor.distribution(feature(deter, stoch).detach())
         action = policy.rsample()
         with torch.no_grad():
             steps["action_log_prob"].append(policy.log_prob(action))
+            if not actor.discrete:
+                mean, std = actor.pre_tanh_gaussian(policy)
+                steps["action_mean"].append(mean)
+                steps["action_std"].append(std)
         deter, _, _, stoch = prior(deter, stoch, action)
         steps["deter"].append(deter)
         steps["stoch"].append(stoch)
@@ -58,8 +69,10 @@ def imagine(
 class ActorLoss(LossModule):
     """Actor objective ``-mean_t,n(w_t · R_t)`` over imagined trajectories (Eq. 6-7).
 
-    ``forward(tensordict)`` reads the posterior states ``"deter" [*, D]`` and ``"stoch" [*, S]`` (typically
-    ``[B, T, *]``; all ``N = B*T`` of them start an imagination of ``horizon`` steps). Rewards are the reward
+    ``forward(tensordict)`` reads the posterior states ``"deter" [B, T, D]`` and ``"stoch" [B, T, S]``; each
+    starts an imagination of ``horizon`` steps: all ``N = B*T`` of them, or with a continue head all but the last
+    step of each sequence (``N = B*(T-1)``; the authors' code drops it because it could be terminal). Rewards
+    are the reward
     head's mean, discounts ``γ_t = discount · sigmoid(continue_logit)`` (or ``discount`` without continue head),
     values the value model's mean; ``R_t`` are λ-returns (``losses.lambda_return``) and ``w_t`` the
     stopped-gradient cumulative discounts.
@@ -69,6 +82,9 @@ class ActorLoss(LossModule):
     * ``"loss_actor"``: scalar, differentiable (see the module docstring for the gradient routing);
     * diagnostics (detached scalars): ``"imagined_reward"`` (mean imagined reward), ``"imagined_return"`` (mean
       λ-return), ``"actor_entropy"`` (sample-based: minus the mean log-probability of the imagined actions);
+    * saturation diagnostics of a continuous actor (detached scalars, over the imagined states):
+      ``"actor/mean_abs"`` (mean |pre-tanh mean|), ``"actor/std_median"`` (median pre-tanh std) and
+      ``"actor/saturated_fraction"`` (fraction of imagined action components with ``|a| > SATURATION``);
     * the value model's training data (detached): ``"imagined_feature" [H-1, N, F]`` (the states the returns start
       from), ``"target_return" [H-1, N, 1]`` and ``"discount_weight" [H-1, N, 1]``.
     """
@@ -100,12 +116,16 @@ class ActorLoss(LossModule):
             "imagined_feature",
             "target_return",
             "discount_weight",
+            *(() if actor.discrete else SATURATION_KEYS),
         ]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
-        start_deter = tensordict.get("deter").flatten(0, -2)
-        start_stoch = tensordict.get("stoch").flatten(0, -2)
-        trajectory = imagine(self.prior, self.actor, start_deter, start_stoch, self.horizon)
+        start_deter, start_stoch = tensordict.get("deter"), tensordict.get("stoch")
+        if self.continue_head is not None:
+            start_deter, start_stoch = start_deter[:, :-1], start_stoch[:, :-1]
+        trajectory = imagine(
+            self.prior, self.actor, start_deter.flatten(0, -2), start_stoch.flatten(0, -2), self.horizon
+        )
         features = trajectory["feature"]
         reward = self.reward_head(features).float()
         discount = self.discount * self._continue_probability(features)
@@ -118,6 +138,7 @@ class ActorLoss(LossModule):
                 "imagined_reward": reward.detach().mean(),
                 "imagined_return": returns.detach().mean(),
                 "actor_entropy": -trajectory["action_log_prob"].mean(),
+                **_saturation_diagnostics(trajectory),
                 "imagined_feature": features[:-1].detach(),
                 "target_return": returns.detach(),
                 "discount_weight": weight,
@@ -130,6 +151,21 @@ class ActorLoss(LossModule):
         if self.continue_head is None:
             return features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
         return torch.sigmoid(self.continue_head(features).float())
+
+
+def _saturation_diagnostics(trajectory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """How close a tanh-Gaussian actor is to its bounds over an imagined trajectory (none for a one-hot actor).
+
+    In the constant-action phase the pre-tanh mean runs to ``±mean_scale``, the std collapses and nearly every
+    action sits at ``±1``; leaving it shows as all three moving back.
+    """
+    if "action_mean" not in trajectory:
+        return {}
+    return {
+        "actor/mean_abs": trajectory["action_mean"].abs().mean(),
+        "actor/std_median": trajectory["action_std"].float().median(),
+        "actor/saturated_fraction": (trajectory["action"].detach().abs() > SATURATION).float().mean(),
+    }
 
 
 class ValueLoss(LossModule):

@@ -6,13 +6,18 @@ For a ``[B, T]`` batch, with every term averaged over ``B`` and ``T``:
   ``[-0.5, 0.5]``), the ``0.5 * log(2 pi)`` constant included;
 * reward: ``-log N(r; reward mean, 1)``;
 * continue (only with a continue head): ``continue_scale * BCE(logit, 1 - terminated)``;
-* KL: ``kl_scale * max(mean KL(posterior || prior), free_nats)``, the KL of diagonal Gaussians summed
-  over the stochastic dims; free nats clamp the *batch-averaged* KL, so below them the term is
-  constant and gives no gradient.
+* KL: ``kl_scale * free(KL(posterior || prior))``, the KL of diagonal Gaussians summed over the stochastic
+  dims, with free nats in one of the two published forms (``free_nats_mode``):
+
+  - ``batch`` (the authors' TF2 code): ``max(mean_bt KL_bt, free_nats)``, the clamp on the batch-averaged KL;
+    below it the term is constant and gives no gradient at all;
+  - ``step`` (the paper's original code): ``mean_bt max(KL_bt, free_nats)``, a clamp per batch element and time
+    step; only the elements above the free nats give gradient.
+
   With ``kl_balance = a`` (KL balancing, DreamerV2: Hafner et al., 2021, Sec. 2) the same value is split
-  into ``a * max(mean KL(sg(posterior) || prior), free_nats) + (1 - a) * max(mean KL(posterior || sg(prior)),
-  free_nats)`` (``sg``: stop-gradient): the prior is pulled toward the posterior with weight ``a``, the
-  posterior toward the prior with ``1 - a``. ``kl_balance = None`` is Dreamer V1 (both with weight 1).
+  into ``a * free(KL(sg(posterior) || prior)) + (1 - a) * free(KL(posterior || sg(prior)))`` (``sg``:
+  stop-gradient): the prior is pulled toward the posterior with weight ``a``, the posterior toward the prior
+  with ``1 - a``. ``kl_balance = None`` is Dreamer V1 (both with weight 1).
 
 ``loss_world_model`` is their sum and the only term to backpropagate; the named terms are
 returned detached, for logging.
@@ -32,6 +37,7 @@ from torchrl.objectives import LossModule
 from modules.world_model import OBS_FLOAT_KEY, WorldModel
 
 HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+FREE_NATS_MODES = ("batch", "step")
 
 
 def unit_gaussian_nll(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -61,8 +67,9 @@ class WorldModelLoss(LossModule):
 
     ``forward(td)`` returns a TensorDict with batch size ``[]``: ``loss_world_model`` (the total, to
     backpropagate), and detached for logging ``loss_observation``, ``loss_reward``, ``loss_continue``
-    (only with a continue head), ``loss_kl`` (after free nats and scale) and ``kl`` (the raw
-    batch-mean KL).
+    (only with a continue head), ``loss_kl`` (after free nats and scale), ``kl`` (the raw
+    batch-mean KL) and ``kl/above_free_nats`` (the fraction of the KL above the free nats, the part that
+    trains: 0 or 1 for ``batch``, the fraction of ``[B, T]`` elements for ``step``).
     """
 
     @dataclass
@@ -84,10 +91,14 @@ class WorldModelLoss(LossModule):
         continue_scale: float,
         reward_scale: float = 1.0,
         kl_balance: float | None = None,
+        free_nats_mode: str = "batch",
     ) -> None:
         super().__init__()
         if kl_balance is not None and not 0.0 <= kl_balance <= 1.0:
             raise ValueError(f"kl_balance={kl_balance} must be null or in [0, 1]")
+        if free_nats_mode not in FREE_NATS_MODES:
+            raise ValueError(f"free_nats_mode={free_nats_mode!r}; allowed: {', '.join(FREE_NATS_MODES)}")
+        self.free_nats_mode = free_nats_mode
         self.kl_balance = kl_balance
         self.world_model = world_model
         self.reward_scale = reward_scale
@@ -96,7 +107,7 @@ class WorldModelLoss(LossModule):
         self.continue_scale = continue_scale
         self.use_continue = world_model.continue_head is not None
         self._set_in_keys()
-        terms = ["loss_world_model", "loss_observation", "loss_reward", "loss_kl", "kl"]
+        terms = ["loss_world_model", "loss_observation", "loss_reward", "loss_kl", "kl", "kl/above_free_nats"]
         self.out_keys = terms + (["loss_continue"] if self.use_continue else [])
 
     def _set_in_keys(self) -> None:
@@ -114,8 +125,8 @@ class WorldModelLoss(LossModule):
         reward_target = self.reward_scale * get(self.tensor_keys.reward)
         reward = sum_event_mean_batch_time(unit_gaussian_nll(get("reward_pred"), reward_target))
         posterior, prior = (get("post_mean"), get("post_std")), (get("prior_mean"), get("prior_std"))
-        kl = diagonal_gaussian_kl(*posterior, *prior).mean()
-        kl_term = self.kl_scale * self._clamped_kl(kl, posterior, prior)
+        kl_elements = diagonal_gaussian_kl(*posterior, *prior)
+        kl_term = self.kl_scale * self._clamped_kl(kl_elements, posterior, prior)
         terms = {"loss_observation": observation, "loss_reward": reward, "loss_kl": kl_term}
         if self.use_continue:
             continue_target = 1.0 - get(self.tensor_keys.terminated)
@@ -124,23 +135,41 @@ class WorldModelLoss(LossModule):
             )
         total = sum(terms.values())
         return TensorDict(
-            {"loss_world_model": total, "kl": kl.detach(), **{name: term.detach() for name, term in terms.items()}},
+            {
+                "loss_world_model": total,
+                "kl": kl_elements.detach().mean(),
+                "kl/above_free_nats": self._above_free_nats(kl_elements.detach()),
+                **{name: term.detach() for name, term in terms.items()},
+            },
             batch_size=[],
         )
 
+    def _free(self, kl_elements: torch.Tensor) -> torch.Tensor:
+        """Free nats on a KL ``[B, T]``: the clamped batch mean (``batch``) or the mean of the clamped elements."""
+        if self.free_nats_mode == "batch":
+            return kl_elements.mean().clamp_min(self.free_nats)
+        return kl_elements.clamp_min(self.free_nats).mean()
+
+    def _above_free_nats(self, kl_elements: torch.Tensor) -> torch.Tensor:
+        """The share of a KL ``[B, T]`` that the clamp lets through: 0 or 1 (``batch``), or a fraction (``step``)."""
+        if self.free_nats_mode == "batch":
+            return (kl_elements.mean() > self.free_nats).float()
+        return (kl_elements > self.free_nats).float().mean()
+
     def _clamped_kl(
-        self, kl: torch.Tensor, posterior: tuple[torch.Tensor, torch.Tensor], prior: tuple[torch.Tensor, torch.Tensor]
+        self,
+        kl_elements: torch.Tensor,
+        posterior: tuple[torch.Tensor, torch.Tensor],
+        prior: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """The KL term before ``kl_scale``: free nats, and with ``kl_balance`` the gradient split between the sides.
 
-        ``posterior`` and ``prior`` are ``(mean, std)`` pairs of shape ``[B, T, S]``; ``kl`` is their batch-mean KL.
+        ``posterior`` and ``prior`` are ``(mean, std)`` pairs of shape ``[B, T, S]``; ``kl_elements [B, T]`` their KL.
         """
         if self.kl_balance is None:
-            return kl.clamp_min(self.free_nats)
+            return self._free(kl_elements)
         detached_posterior = tuple(x.detach() for x in posterior)
         detached_prior = tuple(x.detach() for x in prior)
-        kl_prior_side = diagonal_gaussian_kl(*detached_posterior, *prior).mean()
-        kl_posterior_side = diagonal_gaussian_kl(*posterior, *detached_prior).mean()
-        return self.kl_balance * kl_prior_side.clamp_min(self.free_nats) + (
-            1.0 - self.kl_balance
-        ) * kl_posterior_side.clamp_min(self.free_nats)
+        kl_prior_side = diagonal_gaussian_kl(*detached_posterior, *prior)
+        kl_posterior_side = diagonal_gaussian_kl(*posterior, *detached_prior)
+        return self.kl_balance * self._free(kl_prior_side) + (1.0 - self.kl_balance) * self._free(kl_posterior_side)

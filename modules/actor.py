@@ -8,7 +8,7 @@ An MLP of ``actor_layers`` x ``dense_units`` ELU reads the model feature ``[h, z
 * discrete actions: a one-hot categorical with straight-through gradients.
 
 Every actor exposes ``distribution(feature)`` (event shape ``[A]``; ``rsample()`` is differentiable in both cases),
-``mode(feature) -> [*, A]`` (the deterministic action used for evaluation) and ``forward(feature) -> [*, A]``,
+``mode(feature) -> [*, A]`` (the action used for evaluation) and ``forward(feature) -> [*, A]``,
 a reparameterised (continuous) or straight-through (discrete) sample.
 """
 
@@ -31,6 +31,8 @@ from torch.distributions import (
 from torch.nn import functional as F
 
 from modules.mlp import build_mlp
+
+MODE_ESTIMATES = ("sample_max", "tanh_mean")
 
 
 class ClippedTanhTransform(TanhTransform):
@@ -67,12 +69,19 @@ class Actor(nn.Module, abc.ABC):
 class TanhGaussianActor(Actor):
     """Tanh-transformed diagonal Gaussian over ``[-1, 1]^A``.
 
-    ``log_prob(y) = sum_i [log N(atanh(y_i); mean_i, std_i) - log(1 - y_i^2)]``. The mode returned by :meth:`mode`
-    is ``tanh(mean)``, the tanh of the Gaussian's mode; the authors instead estimated the transformed
-    distribution's mode as the most likely of 100 samples.
+    ``log_prob(y) = sum_i [log N(atanh(y_i); mean_i, std_i) - log(1 - y_i^2)]``. The tanh-Gaussian has no
+    closed-form mode; :meth:`mode` estimates it as ``mode_estimate`` says:
+
+    * ``sample_max`` (the authors' ``SampleDist.mode``): the most likely of ``MODE_SAMPLES`` samples of the
+      squashed distribution;
+    * ``tanh_mean``: ``tanh(mean)``, the squashed Gaussian mean.
+
+    The two agree while the std is small. With a large std the squashed density piles up near ``±1`` (the
+    ``-log(1 - y^2)`` term), so the most likely sample is close to a bound even where ``tanh(mean)`` is near 0.
     """
 
     discrete = False
+    MODE_SAMPLES = 100
 
     def __init__(
         self,
@@ -83,11 +92,15 @@ class TanhGaussianActor(Actor):
         mean_scale: float = 5.0,
         init_std: float = 5.0,
         min_std: float = 1e-4,
+        mode_estimate: str = "sample_max",
     ) -> None:
         super().__init__()
+        if mode_estimate not in MODE_ESTIMATES:
+            raise ValueError(f"Unknown actor mode estimate {mode_estimate!r}; allowed: {', '.join(MODE_ESTIMATES)}")
         self.net = build_mlp(feature_dim, 2 * action_dim, hidden, layers)
         self.mean_scale, self.min_std = mean_scale, min_std
         self.raw_init_std = math.log(math.expm1(init_std))
+        self.mode_estimate = mode_estimate
 
     def gaussian(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-tanh Gaussian ``(mean [*, A], std [*, A])`` in float32, ``|mean| < mean_scale``, ``std > min_std``."""
@@ -103,8 +116,19 @@ class TanhGaussianActor(Actor):
         )
         return Independent(squashed, 1, validate_args=False)
 
+    @staticmethod
+    def pre_tanh_gaussian(distribution: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian ``(mean [*, A], std [*, A])`` under the tanh of a distribution made by :meth:`distribution`."""
+        normal = distribution.base_dist.base_dist
+        return normal.loc, normal.scale
+
     def mode(self, feature: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.gaussian(feature)[0])
+        if self.mode_estimate == "tanh_mean":
+            return torch.tanh(self.gaussian(feature)[0])
+        distribution = self.distribution(feature)
+        samples = distribution.sample((self.MODE_SAMPLES,))
+        best = distribution.log_prob(samples).argmax(dim=0)
+        return samples.gather(0, best[None, ..., None].expand(1, *samples.shape[1:]))[0]
 
 
 class OneHotActor(Actor):
@@ -124,9 +148,12 @@ class OneHotActor(Actor):
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
 
 
-def build_actor(model_cfg: DictConfig, feature_dim: int, action_dim: int, discrete: bool) -> Actor:
+def build_actor(
+    model_cfg: DictConfig, feature_dim: int, action_dim: int, discrete: bool, mode_estimate: str = "sample_max"
+) -> Actor:
     """The action model of ``cfg.model`` (``actor_layers``, ``dense_units``, ``mean_scale``, ``init_std``,
-    ``actor_min_std``) for ``feature [*, F]`` and ``A`` actions."""
+    ``actor_min_std``) for ``feature [*, F]`` and ``A`` actions; ``mode_estimate`` is ``eval.actor_mode``
+    (continuous actions only: a one-hot actor's mode is its most likely action)."""
     if discrete:
         return OneHotActor(feature_dim, action_dim, model_cfg.dense_units, model_cfg.actor_layers)
     return TanhGaussianActor(
@@ -137,4 +164,5 @@ def build_actor(model_cfg: DictConfig, feature_dim: int, action_dim: int, discre
         mean_scale=model_cfg.mean_scale,
         init_std=model_cfg.init_std,
         min_std=model_cfg.actor_min_std,
+        mode_estimate=mode_estimate,
     )

@@ -27,8 +27,13 @@ def gaussian_parameters(raw: torch.Tensor, min_std: float) -> tuple[torch.Tensor
 
 
 def sample_gaussian(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Reparameterised sample of a diagonal Gaussian (gradients flow to mean and std)."""
-    return mean + std * torch.randn_like(std)
+    """Reparameterised sample of a diagonal Gaussian (gradients flow to mean and std), in float32.
+
+    The noise is drawn in float32 whatever precision autocast gave ``mean`` and ``std``: a bfloat16 draw would
+    take other numbers from the generator (torch's CPU sampler has another code path per dtype), so runs in the
+    two precisions would imagine from different noise, and the sample would lose precision before the GRU.
+    """
+    return mean + std * torch.randn(std.shape, dtype=torch.float32, device=std.device)
 
 
 def feature(deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:

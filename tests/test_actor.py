@@ -84,9 +84,9 @@ def test_initial_std_is_init_std_and_mean_is_bounded() -> None:
     assert mean.abs().max() <= 5.0 and mean.abs().min() > 4.9
 
 
-def test_tanh_gaussian_samples_are_bounded_differentiable_and_mode_is_tanh_mean() -> None:
+def test_tanh_gaussian_samples_are_bounded_differentiable_and_tanh_mean_mode() -> None:
     torch.manual_seed(0)
-    actor = TanhGaussianActor(FEATURE_DIM, ACTION_DIM, HIDDEN, LAYERS)
+    actor = TanhGaussianActor(FEATURE_DIM, ACTION_DIM, HIDDEN, LAYERS, mode_estimate="tanh_mean")
     feature = torch.randn(128, FEATURE_DIM)
     action = actor(feature)
     assert action.shape == (128, ACTION_DIM)
@@ -94,6 +94,40 @@ def test_tanh_gaussian_samples_are_bounded_differentiable_and_mode_is_tanh_mean(
     action.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
     torch.testing.assert_close(actor.mode(feature), torch.tanh(actor.gaussian(feature)[0]))
+
+
+def test_sample_max_mode_is_the_most_likely_of_100_samples() -> None:
+    """The authors' ``SampleDist.mode``: draw 100 squashed samples per state, keep the one of highest density."""
+    actor = TanhGaussianActor(FEATURE_DIM, ACTION_DIM, HIDDEN, LAYERS, init_std=1.0)
+    assert actor.mode_estimate == "sample_max"
+    feature = torch.randn(32, FEATURE_DIM)
+    mean, std = (x.detach() for x in actor.gaussian(feature))
+    torch.manual_seed(3)
+    mode = actor.mode(feature)
+    torch.manual_seed(3)
+    samples = torch.tanh(torch.normal(mean.expand(100, -1, -1), std.expand(100, -1, -1)))
+    log_probs = torch.stack([hand_log_prob(sample, mean, std) for sample in samples])
+    expected = samples[log_probs.argmax(dim=0), torch.arange(32)]
+    torch.testing.assert_close(mode, expected)
+
+
+def test_sample_max_and_tanh_mean_differ_while_the_std_is_large() -> None:
+    """With a zero network output (mean 0, std = init_std = 5) tanh(mean) is 0 but the squashed density peaks near
+    ±1, so the most likely sample sits near a bound; with a small std both estimates agree."""
+    wide = TanhGaussianActor(FEATURE_DIM, ACTION_DIM, HIDDEN, LAYERS, init_std=5.0)
+    narrow = TanhGaussianActor(FEATURE_DIM, ACTION_DIM, HIDDEN, LAYERS, init_std=0.01)
+    for actor in (wide, narrow):
+        nn.init.zeros_(last_layer(actor).weight)
+        nn.init.zeros_(last_layer(actor).bias)
+    torch.manual_seed(0)
+    feature = torch.randn(256, FEATURE_DIM)
+    assert (wide.mode(feature).abs() > 0.9).float().mean() > 0.9
+    assert narrow.mode(feature).abs().max() < 0.05
+
+
+def test_unknown_mode_estimate_is_refused() -> None:
+    with pytest.raises(ValueError, match="Unknown actor mode estimate 'median'"):
+        TanhGaussianActor(FEATURE_DIM, ACTION_DIM, HIDDEN, LAYERS, mode_estimate="median")
 
 
 def test_one_hot_actor_straight_through_gradient_and_mode() -> None:

@@ -190,9 +190,11 @@ def test_actor_loss_matches_independent_computation(continue_head: bool) -> None
     states = posterior_states(parts).detach()
     torch.manual_seed(11)
     output = parts.actor_loss(states)
+    # With a continue head the last step of each sequence starts no imagination (the authors': it could be terminal).
+    starts = states[:, :-1] if continue_head else states
     torch.manual_seed(11)
     trajectory = imagine(
-        parts.prior, parts.actor, states["deter"].reshape(-1, DETER), states["stoch"].reshape(-1, STOCH), HORIZON
+        parts.prior, parts.actor, starts["deter"].reshape(-1, DETER), starts["stoch"].reshape(-1, STOCH), HORIZON
     )
     features = trajectory["feature"]
     reward, value = parts.reward_head(features), parts.value(features)
@@ -213,11 +215,39 @@ def test_actor_loss_matches_independent_computation(continue_head: bool) -> None
     torch.testing.assert_close(output["imagined_reward"], reward.mean())
     torch.testing.assert_close(output["imagined_return"].double(), returns.mean())
     torch.testing.assert_close(output["actor_entropy"], -trajectory["action_log_prob"].mean())
-    n = BATCH * TIME
+    n = BATCH * (TIME - 1) if continue_head else BATCH * TIME
     assert output["imagined_feature"].shape == (HORIZON - 1, n, FEATURE)
     assert output["target_return"].shape == output["discount_weight"].shape == (HORIZON - 1, n, 1)
     for key in ("imagined_feature", "target_return", "discount_weight", "actor_entropy", "imagined_return"):
         assert not output[key].requires_grad
+
+
+def test_saturation_diagnostics_match_the_actor_on_the_imagined_states() -> None:
+    """``actor/mean_abs``, ``actor/std_median`` and ``actor/saturated_fraction`` recomputed from the actor's Gaussian
+    at every state an action was taken in (the start and the first ``H - 1`` imagined states)."""
+    parts = make_parts(continue_head=False)
+    torch.nn.init.normal_(parts.actor.net[-1].weight, std=3.0)  # spread the means over the saturated range too
+    states = posterior_states(parts).detach()
+    torch.manual_seed(5)
+    output = parts.actor_loss(states)
+    torch.manual_seed(5)
+    trajectory = imagine(
+        parts.prior, parts.actor, states["deter"].reshape(-1, DETER), states["stoch"].reshape(-1, STOCH), HORIZON
+    )
+    start = torch.cat([states["deter"], states["stoch"]], -1).reshape(1, -1, FEATURE)
+    acting_features = torch.cat([start, trajectory["feature"][:-1]])
+    mean, std = (x.detach() for x in parts.actor.gaussian(acting_features))
+    torch.testing.assert_close(output["actor/mean_abs"], mean.abs().mean())
+    torch.testing.assert_close(output["actor/std_median"], std.flatten().sort().values[(std.numel() - 1) // 2])
+    saturated = (trajectory["action"].abs() > 0.99).double().mean()
+    assert 0.0 < saturated < 1.0
+    torch.testing.assert_close(output["actor/saturated_fraction"].double(), saturated)
+
+
+def test_a_one_hot_actor_has_no_saturation_diagnostics() -> None:
+    parts = make_parts(discrete=True)
+    output = parts.actor_loss(posterior_states(parts).detach())
+    assert not any(key.startswith("actor/") for key in output.keys(include_nested=True))
 
 
 def test_actor_entropy_of_a_uniform_policy_is_log_num_actions() -> None:
@@ -266,3 +296,46 @@ def test_horizon_below_two_is_refused() -> None:
     parts = make_parts()
     with pytest.raises(ValueError, match="horizon"):
         ActorLoss(parts.prior, parts.actor, parts.value, parts.reward_head, horizon=1)
+
+
+def gru_cell_by_hand(x: torch.Tensor, h: torch.Tensor, gru: torch.nn.GRUCell) -> torch.Tensor:
+    """PyTorch's GRUCell equations (gates stacked reset, update, new) written out."""
+    input_r, input_z, input_n = (x @ gru.weight_ih.T + gru.bias_ih).chunk(3, -1)
+    hidden_r, hidden_z, hidden_n = (h @ gru.weight_hh.T + gru.bias_hh).chunk(3, -1)
+    reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
+    new = torch.tanh(input_n + reset * hidden_n)
+    return (1 - update) * new + update * h
+
+
+def test_imagination_matches_a_hand_written_rollout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the same noise, ``imagine`` and a loop written from the equations agree at every step: the actor's
+    tanh-Gaussian sample on the current state, then ``h' = GRU(h, [z, a])`` and ``z' ~ N(prior(h'))``."""
+    parts = make_parts()
+    starts = 5
+    generator = torch.Generator().manual_seed(7)
+    action_noise = [torch.randn(starts, ACTION, generator=generator) for _ in range(HORIZON)]
+    state_noise = [torch.randn(starts, STOCH, generator=generator) for _ in range(HORIZON)]
+    queues = {"action": iter(action_noise), "state": iter(state_noise)}
+    monkeypatch.setattr(
+        torch.distributions.normal, "_standard_normal", lambda shape, dtype, device: next(queues["action"]).to(dtype)
+    )
+    monkeypatch.setattr("modules.rssm.sample_gaussian", lambda mean, std: mean + std * next(queues["state"]))
+    start_deter, start_stoch = torch.randn(starts, DETER), torch.randn(starts, STOCH)
+    trajectory = imagine(parts.prior, parts.actor, start_deter, start_stoch, HORIZON)
+    assert next(queues["action"], None) is None and next(queues["state"], None) is None, "noise draws per step"
+
+    actor, prior = parts.actor, parts.prior
+    deter, stoch = start_deter, start_stoch
+    with torch.no_grad():
+        for t in range(HORIZON):
+            raw_mean, raw_std = actor.net(torch.cat([deter, stoch], -1)).chunk(2, -1)
+            mean = actor.mean_scale * torch.tanh(raw_mean / actor.mean_scale)
+            std = torch.nn.functional.softplus(raw_std + actor.raw_init_std) + actor.min_std
+            action = torch.tanh(mean + std * action_noise[t])
+            deter = gru_cell_by_hand(prior.input_layer(torch.cat([stoch, action], -1)), deter, prior.gru)
+            prior_mean, prior_raw_std = prior.output_layer(deter).chunk(2, -1)
+            stoch = prior_mean + (torch.nn.functional.softplus(prior_raw_std) + prior.min_std) * state_noise[t]
+            for key, expected in (("action", action), ("deter", deter), ("stoch", stoch)):
+                torch.testing.assert_close(
+                    trajectory[key][t], expected, msg=f"imagined {key} at step {t} differs from the hand-written rollout"
+                )

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 from tests.cli import run_dreamer
-from utils.config import ConfigError, apply_overrides, check_config, compose_config, resolve_autocast, resolve_device
+from utils.config import (
+    ConfigError,
+    apply_overrides,
+    check_config,
+    compose_config,
+    cpu_has_native_bf16,
+    resolve_autocast,
+    resolve_device,
+    resolve_num_threads,
+)
 
 
 def test_defaults_are_the_papers() -> None:
@@ -25,6 +35,7 @@ def test_defaults_are_the_papers() -> None:
     assert (cfg.optimization.discount, cfg.optimization.return_lambda) == (0.99, 0.95)
     assert cfg.logger.backend == "wandb" and cfg.logger.mode == "offline"
     assert cfg.device == "auto" and cfg.mode == "train"
+    assert (cfg.model.init, cfg.optimization.free_nats_mode, cfg.eval.actor_mode) == ("keras", "batch", "sample_max")
     check_config(cfg)
 
 
@@ -52,6 +63,10 @@ def test_overrides_and_the_debug_preset() -> None:
         ("replay_buffer.batch_size=0", "replay_buffer.batch_size=0 must be a positive integer"),
         ("mode=play", "Unknown mode 'play'"),
         ("optimization.kl_balance=1.5", "optimization.kl_balance=1.5 must be null (Dreamer V1) or a number in [0, 1]"),
+        ("model.init=he", "Unknown model.init 'he'; allowed: keras, torch"),
+        ("optimization.free_nats_mode=episode", "Unknown optimization.free_nats_mode 'episode'; allowed: batch, step"),
+        ("eval.actor_mode=mean", "Unknown eval.actor_mode 'mean'; allowed: sample_max, tanh_mean"),
+        ("num_threads=0", "num_threads=0 must be null (every usable core) or a positive integer"),
     ],
 )
 def test_bad_values_give_one_line_naming_them(override: str, message: str) -> None:
@@ -61,12 +76,44 @@ def test_bad_values_give_one_line_naming_them(override: str, message: str) -> No
     assert "\n" not in str(error.value)
 
 
-def test_autocast_falls_back_to_float32_with_one_warning_on_cpu() -> None:
-    with pytest.warns(UserWarning, match="needs a CUDA device"):
-        assert resolve_autocast("float16", torch.device("cpu")) is None
+def test_autocast_on_cpu_bfloat16_where_native_else_float32_with_one_warning() -> None:
+    cpu = torch.device("cpu")
+    with pytest.warns(UserWarning, match="float16 autocast needs CUDA"):
+        assert resolve_autocast("float16", cpu, native_cpu_bf16=True) is None
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert resolve_autocast("bfloat16", cpu, native_cpu_bf16=False) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_autocast(False, torch.device("cpu")) is None
+        assert resolve_autocast(False, cpu) is None
+        assert resolve_autocast("bfloat16", cpu, native_cpu_bf16=True) is torch.bfloat16
+        assert resolve_autocast(True, cpu, native_cpu_bf16=True) is torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("flags\t\t: fpu sse2 avx512f avx512bw avx512_bf16 avx512_vnni", True),
+        ("flags\t\t: fpu sse2 amx_tile amx_bf16", True),
+        ("Features\t: fp asimd bf16 i8mm", True),
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq", False),
+        ("Features\t: fp asimd", False),
+    ],
+)
+def test_native_bf16_detection_reads_the_cpu_flags(tmp_path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{flags}\n\nprocessor\t: 1\n{flags}\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_num_threads_default_is_omp_num_threads_or_every_usable_core(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_num_threads(None) == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert resolve_num_threads(None) == 7
+    assert resolve_num_threads(3) == 3
+    for bad in (0, -2, 1.5, "four", True):
+        with pytest.raises(ConfigError, match=r"num_threads=.* must be null"):
+            resolve_num_threads(bad)
 
 
 def test_device_auto_and_unavailable_cuda() -> None:

@@ -280,11 +280,13 @@ def test_dream_offsets(horizon: int, offsets: tuple[int, ...]) -> None:
 
 
 def test_dream_video_panels_match_an_independent_computation(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the latent samples replaced by their means, every panel can be recomputed, one state at a time."""
+    """With the latent samples replaced by their means and the actor's mode by tanh(mean), every panel can be
+    recomputed, one state at a time."""
     monkeypatch.setattr("modules.rssm.sample_gaussian", lambda mean, std: mean)
     torch.manual_seed(0)
     horizon = 4
-    cfg, payload = load_eval_config(compose_config("mode=eval", f"checkpoint={run_dir}"), ["eval.dreams=true"])
+    overrides = ["eval.dreams=true", "eval.actor_mode=tanh_mean"]
+    cfg, payload = load_eval_config(compose_config("mode=eval", f"checkpoint={run_dir}", *overrides), overrides)
     agent = build_agent(cfg, torch.device("cpu"), None)
     agent.load_state_dict(payload["agent"])
     with set_exploration_type(ExplorationType.DETERMINISTIC):

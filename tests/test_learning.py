@@ -57,7 +57,7 @@ def test_the_verdict_counts_only_the_seeds_trained_now(tmp_path: Path, monkeypat
     """A seed directory left in ``--out`` by an earlier run must not enter this run's curve or verdict."""
     fake_run(tmp_path, seed=5, final_return=-1400.0)  # stale
 
-    def train(check, seed: int, out: Path, overrides: list[str], threads: int) -> float:
+    def train(check, seed: int, out: Path, overrides: list[str], threads: int, resume: bool) -> float:
         fake_run(out, seed, final_return=-300.0 - seed)
         return 1.0
 
@@ -71,13 +71,47 @@ def test_the_verdict_counts_only_the_seeds_trained_now(tmp_path: Path, monkeypat
 def test_a_rerun_replaces_the_seeds_earlier_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_run(tmp_path, seed=0, final_return=-1400.0)  # an earlier run of the same seed
 
-    def train(check, seed: int, out: Path, overrides: list[str], threads: int) -> float:
+    def train(check, seed: int, out: Path, overrides: list[str], threads: int, resume: bool) -> float:
         fake_run(out, seed, final_return=-250.0)  # fails if the earlier run's directory is still there
         return 1.0
 
     monkeypatch.setattr(learning, "run_seed", train)
     assert main(["pendulum", "--seeds", "0", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "verdict.json").read_text())["final_return_per_seed"] == [-250.0]
+
+
+def test_resume_keeps_the_seeds_and_restores_packed_checkpoint_and_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--pack`` archives a seed's ``last.pt`` and (sparse) replay; ``--resume`` unpacks it where the run directory
+    lost them (a new session's checkout) and continues the seed instead of deleting it."""
+    fake_run(tmp_path, seed=0, final_return=-300.0)
+    checkpoint = tmp_path / "seed0" / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    storage = tmp_path / "seed0" / "replay" / "storage" / "pixels.memmap"
+    storage.parent.mkdir(parents=True)
+    with open(storage, "wb") as sparse:  # 64 MiB apparent, 3 bytes of data at the start and at the end
+        sparse.write(b"abc")
+        sparse.seek(64 * 2**20 - 3)
+        sparse.write(b"xyz")
+    assert main(["pendulum", "--seeds", "0", "--out", str(tmp_path), "--pack"]) == 0
+    assert (tmp_path / "seed0.resume.tar.xz").stat().st_size < 2**20
+    checkpoint.unlink()
+    storage.unlink()
+    resumed = []
+
+    def train(check, seed: int, out: Path, overrides: list[str], threads: int, resume: bool) -> float:
+        resumed.append(resume)
+        assert (out / "seed0" / "metrics.csv").exists(), "--resume must not delete the seed's directory"
+        assert checkpoint.read_bytes() == b"weights"
+        data = storage.read_bytes()
+        assert len(data) == 64 * 2**20 and data[:3] == b"abc" and data[-3:] == b"xyz"
+        return 1.0
+
+    monkeypatch.setattr(learning, "run_seed", train)
+    assert main(["pendulum", "--seeds", "0", "--out", str(tmp_path), "--resume"]) == 0
+    assert resumed == [True]
 
 
 def test_the_plot_shows_the_authors_returns_within_the_runs_length() -> None:

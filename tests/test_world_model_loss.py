@@ -25,9 +25,15 @@ def make_loss(
     kl_scale: float = 1.0,
     continue_scale: float = 10.0,
     kl_balance: float | None = None,
+    free_nats_mode: str = "batch",
 ) -> WorldModelLoss:
     return WorldModelLoss(
-        world_model, free_nats=free_nats, kl_scale=kl_scale, continue_scale=continue_scale, kl_balance=kl_balance
+        world_model,
+        free_nats=free_nats,
+        kl_scale=kl_scale,
+        continue_scale=continue_scale,
+        kl_balance=kl_balance,
+        free_nats_mode=free_nats_mode,
     )
 
 
@@ -144,15 +150,13 @@ def test_kl_scale_scales_the_kl_term_and_its_gradient() -> None:
 
 @pytest.mark.parametrize("balance", [0.8, 0.3])
 def test_kl_balance_keeps_the_value_and_splits_the_gradient(balance: float) -> None:
-    generator = torch.Generator().manual_seed(1)
-    leaves = [torch.randn(2, 3, 5, generator=generator) for _ in range(2)]
-    leaves += [torch.rand(2, 3, 5, generator=generator) + 0.2 for _ in range(2)]
-    mean_q, mean_p, std_q, std_p = (leaf.requires_grad_() for leaf in leaves)
-    reference = kl_divergence(Independent(Normal(mean_q, std_q), 1), Independent(Normal(mean_p, std_p), 1)).mean()
+    mean_q, std_q, mean_p, std_p = gaussian_leaves()
+    per_element = reference_kl(mean_q, std_q, mean_p, std_p)
+    reference = per_element.mean()
     reference_gradients = torch.autograd.grad(reference, (mean_q, std_q, mean_p, std_p))
 
     loss = make_loss(tiny_world_model((5,), from_pixels=False), free_nats=0.0, kl_balance=balance)
-    balanced = loss._clamped_kl(reference.detach(), (mean_q, std_q), (mean_p, std_p))
+    balanced = loss._clamped_kl(per_element.detach(), (mean_q, std_q), (mean_p, std_p))
     gradients = torch.autograd.grad(balanced, (mean_q, std_q, mean_p, std_p))
 
     torch.testing.assert_close(balanced, reference)
@@ -174,6 +178,69 @@ def test_kl_balance_in_the_full_loss_scales_the_prior_gradient_and_keeps_free_na
     clamped = make_loss(world_model, free_nats=above_kl, kl_balance=0.8)
     torch.testing.assert_close(run_loss(clamped, td.clone())["loss_kl"], torch.tensor(above_kl))
     assert torch.count_nonzero(prior_head_gradient(clamped, td)) == 0
+
+
+def gaussian_leaves(seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """``mean_q, std_q, mean_p, std_p`` ``[2, 3, 5]`` leaves that require gradients (posterior q, prior p)."""
+    generator = torch.Generator().manual_seed(seed)
+    means = [torch.randn(2, 3, 5, generator=generator) for _ in range(2)]
+    stds = [torch.rand(2, 3, 5, generator=generator) + 0.2 for _ in range(2)]
+    return tuple(leaf.requires_grad_() for leaf in (means[0], stds[0], means[1], stds[1]))
+
+
+def reference_kl(mean_q, std_q, mean_p, std_p) -> torch.Tensor:
+    """Per-element KL ``[2, 3]`` from ``torch.distributions``."""
+    return kl_divergence(Independent(Normal(mean_q, std_q), 1), Independent(Normal(mean_p, std_p), 1))
+
+
+@pytest.mark.parametrize("kl_balance", [None, 0.8])
+def test_step_free_nats_clamp_each_element_and_pass_only_their_gradient(kl_balance: float | None) -> None:
+    """``step``: ``mean_bt max(KL_bt, free)``; elements below the free nats give no gradient, the others 1/N of theirs
+    (with balancing, the prior side ``a`` of it and the posterior side ``1 - a``)."""
+    leaves = gaussian_leaves()
+    per_element = reference_kl(*leaves)
+    middle = per_element.detach().flatten().sort().values[2:4]
+    free_nats = middle.mean().item()  # between two elements: none sits exactly on the clamp
+    above = per_element.detach() > free_nats
+    assert 0 < above.sum() < above.numel()
+    expected = torch.maximum(per_element, torch.tensor(free_nats)).mean()
+    expected_gradients = torch.autograd.grad((per_element * above).sum() / above.numel(), leaves, retain_graph=True)
+
+    loss = make_loss(tiny_world_model((5,), False), free_nats=free_nats, kl_balance=kl_balance, free_nats_mode="step")
+    term = loss._clamped_kl(per_element, leaves[:2], leaves[2:])
+    torch.testing.assert_close(term, expected)
+    sides = (1.0, 1.0, 1.0, 1.0) if kl_balance is None else (0.2, 0.2, 0.8, 0.8)
+    for gradient, reference, weight in zip(torch.autograd.grad(term, leaves), expected_gradients, sides, strict=True):
+        torch.testing.assert_close(gradient, weight * reference)
+    torch.testing.assert_close(loss._above_free_nats(per_element.detach()), above.float().mean())
+
+
+def test_batch_free_nats_pass_the_whole_gradient_above_the_clamp_and_none_below() -> None:
+    leaves = gaussian_leaves()
+    per_element = reference_kl(*leaves)
+    mean_kl = per_element.detach().mean().item()
+    full_gradients = torch.autograd.grad(per_element.mean(), leaves, retain_graph=True)
+    for free_nats, passes in ((mean_kl - 0.01, True), (mean_kl + 0.01, False)):
+        loss = make_loss(tiny_world_model((5,), False), free_nats=free_nats, free_nats_mode="batch")
+        term = loss._clamped_kl(per_element, leaves[:2], leaves[2:])
+        torch.testing.assert_close(term, torch.tensor(max(mean_kl, free_nats)))
+        gradients = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True, materialize_grads=True)
+        for gradient, reference in zip(gradients, full_gradients, strict=True):
+            torch.testing.assert_close(gradient, reference if passes else torch.zeros_like(reference))
+        assert loss._above_free_nats(per_element.detach()) == float(passes)
+
+
+def test_the_full_loss_reports_kl_above_free_nats() -> None:
+    world_model = tiny_world_model(PIXELS, from_pixels=True)
+    td = replay_batch(2, 4, PIXELS, from_pixels=True)
+    kl = run_loss(make_loss(world_model, free_nats=0.0), td.clone())["kl"].item()
+    assert run_loss(make_loss(world_model, free_nats=kl / 2), td.clone())["kl/above_free_nats"] == 1.0
+    assert run_loss(make_loss(world_model, free_nats=kl * 2), td.clone())["kl/above_free_nats"] == 0.0
+
+
+def test_unknown_free_nats_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="free_nats_mode='episode'; allowed: batch, step"):
+        make_loss(tiny_world_model((5,), from_pixels=False), free_nats_mode="episode")
 
 
 def test_kl_balance_outside_zero_to_one_is_refused() -> None:

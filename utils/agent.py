@@ -14,6 +14,7 @@ from losses.behaviour import ActorLoss, ValueLoss
 from losses.world_model import WorldModelLoss
 from modules.actor import build_actor
 from modules.heads import build_value_head
+from modules.init import initialize
 from modules.policy import DreamerPolicy
 from modules.world_model import WorldModel, build_world_model
 from utils.envs import add_recurrent_primer, can_terminate, make_env, obs_key
@@ -105,10 +106,11 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         from_pixels=cfg.env.from_pixels,
         action_dim=info.action_dim,
         use_continue=use_continue,
-    ).to(device)
+    )
     feature_dim = world_model.feature_dim
-    actor = build_actor(model, feature_dim, info.action_dim, info.discrete).to(device)
-    value = build_value_head(model, feature_dim).to(device)
+    actor = build_actor(model, feature_dim, info.action_dim, info.discrete, cfg.eval.actor_mode)
+    value = build_value_head(model, feature_dim)
+    world_model, actor, value = (initialize(net, model.init).to(device) for net in (world_model, actor, value))
     world_model_loss = WorldModelLoss(
         world_model,
         free_nats=opt.free_nats,
@@ -116,6 +118,7 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         continue_scale=opt.continue_scale,
         reward_scale=opt.reward_scale,
         kl_balance=opt.kl_balance,
+        free_nats_mode=opt.free_nats_mode,
     )
     actor_loss = ActorLoss(
         world_model.rssm.prior,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from losses.world_model import FREE_NATS_MODES
+from modules.actor import MODE_ESTIMATES
+from modules.init import INIT_SCHEMES
 from utils.envs import validate_env_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -50,21 +54,58 @@ def autocast_dtype(value: object) -> torch.dtype | None:
     return AUTOCAST_CHOICES[key]
 
 
-def resolve_autocast(value: object, device: torch.device) -> torch.dtype | None:
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively: x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``.
+
+    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes on plain AVX-512, where
+    bfloat16 is emulated and slower than float32, so the CPU's feature flags decide where they can be read (Linux);
+    elsewhere oneDNN's answer is taken.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_autocast(value: object, device: torch.device, native_cpu_bf16: bool | None = None) -> torch.dtype | None:
     """The autocast dtype to train with on ``device`` (``None`` = float32).
 
-    Autocast is only used on CUDA: on a CPU-only machine a request falls back to float32 with one warning.
+    CUDA: bfloat16 (where the GPU supports it) or float16. CPU: bfloat16 where the CPU has it natively
+    (``native_cpu_bf16``, default :func:`cpu_has_native_bf16`); float16, or bfloat16 on a CPU without it, falls
+    back to float32 with one warning.
     """
     dtype = autocast_dtype(value)
-    if dtype is not None and device.type != "cuda":
-        warnings.warn(
-            f"optimization.autocast={value} needs a CUDA device but the run uses {device}; training in float32.",
-            stacklevel=2,
-        )
+    if dtype is None:
         return None
-    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ConfigError("optimization.autocast=bfloat16 is not supported by this GPU; use float16 or false")
-    return dtype
+    if device.type == "cuda":
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ConfigError("optimization.autocast=bfloat16 is not supported by this GPU; use float16 or false")
+        return dtype
+    if native_cpu_bf16 is None:
+        native_cpu_bf16 = cpu_has_native_bf16()
+    if dtype is torch.bfloat16 and native_cpu_bf16:
+        return dtype
+    reason = "float16 autocast needs CUDA" if dtype is torch.float16 else "this CPU has no native bfloat16"
+    warnings.warn(f"optimization.autocast={value}: {reason} (device {device}); training in float32.", stacklevel=2)
+    return None
+
+
+def resolve_num_threads(value: object) -> int:
+    """``num_threads``: ``null`` = ``OMP_NUM_THREADS`` when set, else every core this process may use (its CPU
+    affinity, which cluster schedulers restrict); else a positive integer."""
+    if value is None:
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+            return int(os.environ["OMP_NUM_THREADS"])
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"num_threads={value!r} must be null (every usable core) or a positive integer")
+    return value
 
 
 def frames_to_agent_steps(frames: int, action_repeat: int, name: str) -> int:
@@ -81,6 +122,15 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.logger.backend not in LOGGER_BACKENDS:
         raise ConfigError(f"Unknown logger.backend {cfg.logger.backend!r}; allowed: {', '.join(LOGGER_BACKENDS)}")
     autocast_dtype(cfg.optimization.autocast)
+    resolve_num_threads(cfg.num_threads)
+    choices = {
+        "model.init": (cfg.model.init, INIT_SCHEMES),
+        "optimization.free_nats_mode": (cfg.optimization.free_nats_mode, FREE_NATS_MODES),
+        "eval.actor_mode": (cfg.eval.actor_mode, MODE_ESTIMATES),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"Unknown {name} {value!r}; allowed: {', '.join(allowed)}")
     positive = {
         "replay_buffer.batch_size": cfg.replay_buffer.batch_size,
         "replay_buffer.batch_length": cfg.replay_buffer.batch_length,

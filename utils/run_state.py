@@ -24,6 +24,7 @@ from utils.config import (
     command_line_overrides,
     resolve_autocast,
     resolve_device,
+    resolve_num_threads,
     restore_config,
 )
 from utils.replay import StepRecorder
@@ -58,6 +59,9 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
     if payload is None:
         refuse_finished_or_started_run(run_dir)
     device = resolve_device(cfg.device)
+    with open_dict(cfg):
+        cfg.num_threads = resolve_num_threads(cfg.num_threads)
+    torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.env.seed)
     agent = build_agent(cfg, device, resolve_autocast(cfg.optimization.autocast, device))
     if payload is None:
