@@ -53,6 +53,28 @@ def test_overrides_and_the_debug_preset() -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "backend", "name"),
+    [
+        ("dmc", "dm_control", "cartpole"),
+        ("car_racing", "gymnasium", "CarRacing-v3"),
+        ("pendulum", "gymnasium", "Pendulum-v1"),
+    ],
+)
+def test_the_debug_preset_composes_with_any_env(env: str, backend: str, name: str) -> None:
+    """``experiment=debug`` shrinks everything but keeps the chosen env (cartpole only stands in for DMC's default)."""
+    for overrides in ((f"env={env}", "experiment=debug"), ("experiment=debug", f"env={env}")):
+        cfg = compose_config(*overrides)
+        assert (cfg.env.backend, cfg.env.name, cfg.env.max_episode_frames, cfg.model.deter_dim) == (
+            backend,
+            name,
+            100,
+            16,
+        )
+        check_config(cfg)
+    assert compose_config("experiment=debug", "env.name=walker", "env.task=walk").env.name == "walker"
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [
         ("env.name=nope", "Unknown dm_control domain 'nope'"),
