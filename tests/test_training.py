@@ -100,6 +100,12 @@ def test_resume_extends_a_finished_run_with_counters_and_buffer_intact(debug_run
     assert torch.equal(pixels_before, pixels_after)
     frames = [int(r["frames"]) for r in read_metrics(run_dir) if r["loss/world_model"]]
     assert frames == sorted(frames) and frames[-1] == 600
+    # Provenance: one segment per start or resume, with this checkout's commit and the installed torch.
+    segments = json.loads((run_dir / "run_info.json").read_text())["segments"]
+    assert [segment["frames"] for segment in segments] == [0, 400]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert segments[-1]["commit"] == head and segments[-1]["packages"]["torch"] == torch.__version__
+    assert segments[-1]["num_threads"] >= 1 and isinstance(segments[-1]["dirty"], bool)
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_continues(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Starting, resuming and checkpointing a training run.
 
-A run directory holds ``config.yaml`` (the effective config), ``metrics.csv``, ``checkpoints/{last,best}.pt``,
+A run directory holds ``config.yaml`` (the effective config), ``run_info.json`` (code, packages and device of each
+start or resume: ``utils/provenance.py``), ``metrics.csv``, ``checkpoints/{last,best}.pt``,
 ``replay/`` (the memory-mapped buffer, reopened on resume) and the dashboard's files.
 """
 
@@ -27,6 +28,7 @@ from utils.config import (
     resolve_num_threads,
     restore_config,
 )
+from utils.provenance import record_segment, segment_info
 from utils.replay import StepRecorder
 
 
@@ -72,6 +74,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
         restore_rng_state(payload["rng"])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml")
+    record_segment(run_dir, segment_info(state.frames, device, cfg.num_threads))
     return cfg, agent, state
 
 
