@@ -59,7 +59,7 @@ import torchrl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tensordict import TensorDict, TensorDictBase  # noqa: E402
 from torchrl.collectors import Collector  # noqa: E402
-from torchrl.data import Bounded, Composite, Unbounded  # noqa: E402
+from torchrl.data import Bounded, Composite, TensorDictReplayBuffer, Unbounded  # noqa: E402
 from torchrl.envs import EnvBase, StepCounter, TransformedEnv  # noqa: E402
 from torchrl.envs.utils import ExplorationType, set_exploration_type  # noqa: E402
 
@@ -67,12 +67,16 @@ from benchmarks.plain_dreamer import PlainDreamer  # noqa: E402
 from benchmarks.torchrl_dreamer import TorchRLDreamer  # noqa: E402
 from utils.agent import Agent, EnvInfo, build_agent  # noqa: E402
 from utils.config import compose_config as project_config  # noqa: E402
+from utils.config import cpu_has_native_bf16  # noqa: E402
 from utils.envs import add_recurrent_primer  # noqa: E402
 from utils.replay import make_replay_buffer, sample_sequences  # noqa: E402
 
 IMPLS = ("ours", "torchrl", "plain")
-AUTOCAST = {"eager": None, "compile": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CUDA_ONLY_VARIANTS = ("bf16", "fp16")
+# A variant is a "+"-joined set of options, e.g. "eager", "bf16", "compile_step+bf16", "channels_last+bf16".
+VARIANT_OPTIONS = ("eager", "compile", "compile_step", "bf16", "fp16", "channels_last")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_ONLY_OPTIONS = ("fp16",)
+PROFILE_TOP_OPS = 15
 PAPER_BATCH = (50, 50)
 # --quick keeps the paper's model, sequence length and horizon but 8 sequences per batch: one paper-size CPU update
 # takes 15-60 s on a shared 2-core machine, and the three implementations need about 20 updates' worth of calls.
@@ -105,6 +109,40 @@ class Settings:
     policy_steps: int
     quick: bool
     overrides: list[str]
+    profile: bool = False
+    prefetch: int = 2
+    impls: tuple[str, ...] = IMPLS
+    interleave: bool = False
+    compile_backend: str = "inductor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a variant name asks for: autocast dtype, ``compile`` (``None``, ``"losses"``: the loss modules,
+    ``"step"``: the whole update step) and channels-last convolution weights."""
+
+    name: str
+    autocast: torch.dtype | None
+    compile: str | None
+    channels_last: bool
+
+
+def parse_variant(name: str) -> Variant:
+    """``"compile_step+bf16"`` -> ``Variant``; raises ``ValueError`` on an unknown or contradictory option."""
+    options = name.split("+")
+    unknown = [option for option in options if option not in VARIANT_OPTIONS]
+    if unknown or not options:
+        raise ValueError(f"unknown variant option(s) {unknown} in {name!r}; allowed: {', '.join(VARIANT_OPTIONS)}")
+    dtypes = [AUTOCAST[option] for option in options if option in AUTOCAST]
+    compiles = [option for option in options if option.startswith("compile")]
+    if len(dtypes) > 1 or len(compiles) > 1 or ("eager" in options and len(options) > 1):
+        raise ValueError(f"variant {name!r} combines options that exclude each other")
+    return Variant(
+        name=name,
+        autocast=dtypes[0] if dtypes else None,
+        compile={"compile": "losses", "compile_step": "step"}[compiles[0]] if compiles else None,
+        channels_last="channels_last" in options,
+    )
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
@@ -164,6 +202,8 @@ class UnderTest(Protocol):
 
     def parameter_counts(self) -> dict[str, int]: ...
 
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]: ...
+
 
 def _counts(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, int]:
     return {name: sum(parameter.numel() for parameter in params) for name, params in groups.items()}
@@ -213,6 +253,9 @@ class OursUnderTest:
     def parameter_counts(self) -> dict[str, int]:
         return _counts(self.update.parameters)
 
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return self.update.parameters
+
 
 class TorchRLUnderTest:
     """``benchmarks.torchrl_dreamer.TorchRLDreamer``."""
@@ -246,6 +289,9 @@ class TorchRLUnderTest:
 
     def parameter_counts(self) -> dict[str, int]:
         return _counts(self.dreamer.parameters)
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return self.dreamer.parameters
 
 
 class PlainUnderTest:
@@ -283,23 +329,52 @@ class PlainUnderTest:
     def parameter_counts(self) -> dict[str, int]:
         return _counts(self.dreamer.parameters)
 
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        return self.dreamer.parameters
 
-def build_impl(impl: str, cfg: DictConfig, variant: str, device: torch.device, info: EnvInfo) -> UnderTest:
-    """Implementation ``impl`` in ``variant``, seeded, for the environment described by ``info``."""
-    autocast = AUTOCAST[variant]
-    compiled = variant == "compile"
+
+def build_impl(
+    impl: str, cfg: DictConfig, variant: str, device: torch.device, info: EnvInfo, compile_backend: str = "inductor"
+) -> UnderTest:
+    """Implementation ``impl`` in ``variant`` (see :func:`parse_variant`), seeded, for the environment of ``info``."""
+    spec = parse_variant(variant)
+    compile_losses = spec.compile == "losses"
     torch.manual_seed(0)
     if impl == "ours":
         cfg = cfg.copy()
-        cfg.optimization.compile = compiled
-        return OursUnderTest(build_agent(cfg, device, autocast))
-    options = dict(
-        action_dim=info.action_dim, channels=info.obs_shape[0], device=device, autocast_dtype=autocast, compile=compiled
-    )
-    if impl == "torchrl":
-        return TorchRLUnderTest(TorchRLDreamer(cfg.model, cfg.optimization, **options), info)
-    plain = PlainDreamer(cfg.model, cfg.optimization, **options)
-    return PlainUnderTest(plain, info, cfg.collector.exploration_noise)
+        cfg.optimization.compile = compile_losses
+        cfg.optimization.compile_backend = compile_backend
+        under_test: UnderTest = OursUnderTest(build_agent(cfg, device, spec.autocast))
+        stepper = under_test.update
+    else:
+        options = dict(
+            action_dim=info.action_dim,
+            channels=info.obs_shape[0],
+            device=device,
+            autocast_dtype=spec.autocast,
+            compile=compile_losses,
+        )
+        if impl == "torchrl":
+            under_test = TorchRLUnderTest(TorchRLDreamer(cfg.model, cfg.optimization, **options), info)
+        else:
+            under_test = PlainUnderTest(
+                PlainDreamer(cfg.model, cfg.optimization, **options), info, cfg.collector.exploration_noise
+            )
+        stepper = under_test.dreamer
+    if spec.channels_last:
+        to_channels_last(under_test.parameter_groups())
+    if spec.compile == "step":  # the whole update: losses, gradients, clipping and the Adam steps
+        stepper.step = torch.compile(stepper.step, backend=compile_backend)
+    return under_test
+
+
+def to_channels_last(groups: dict[str, list[torch.nn.Parameter]]) -> None:
+    """Stores every 4-d (convolution) weight channels-last, in place (the optimisers keep the same parameters);
+    convolutions then run channels-last, since a channels-last weight makes their output channels-last."""
+    for parameters in groups.values():
+        for parameter in parameters:
+            if parameter.dim() == 4:
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -332,10 +407,10 @@ def measure_variant(cfg: DictConfig, variant: str, settings: Settings, info: Env
     device = settings.device
     impls: dict[str, UnderTest] = {}
     records: dict[str, dict[str, Any]] = {}
-    for impl in IMPLS:
+    for impl in settings.impls:
         records[impl] = {"impl": impl, "variant": variant}
         try:
-            impls[impl] = build_impl(impl, cfg, variant, device, info)
+            impls[impl] = build_impl(impl, cfg, variant, device, info, settings.compile_backend)
             records[impl]["parameters"] = impls[impl].parameter_counts()
         except Exception as error:  # an implementation that cannot be built is reported, the others still run
             records[impl]["error"] = f"build failed: {type(error).__name__}: {error}"
@@ -371,13 +446,17 @@ def measure_variant(cfg: DictConfig, variant: str, settings: Settings, info: Env
         "behaviour_update_s": lambda under_test, impl: under_test.behaviour_update(starts[impl]),
     }
     for key, measure in measures.items():
-        if key != "full_update_s" and variant == "compile":  # the halves compile graphs of their own
+        if key != "full_update_s" and parse_variant(variant).compile == "losses":  # halves compile their own graphs
             drop_failed(round_robin(calls(measure), settings.warmup, device)[1], f"{key} warm-up")
         times, errors = round_robin(calls(measure), settings.repeats, device)
         drop_failed(errors, key)
         for impl in impls:
             records[impl][key] = median(times[impl])
             records[impl][f"{key.removesuffix('_s')}_times_s"] = times[impl]
+    for impl, under_test in impls.items():
+        records[impl]["peak_memory_bytes"] = peak_memory_bytes(functools.partial(full, under_test, impl), device)
+    if settings.profile and "ours" in impls:
+        records["ours"].update(profile_update(functools.partial(full, impls["ours"], "ours"), device))
     if variant == "eager":
         for impl, under_test in impls.items():
             records[impl]["policy_forward_steps_per_s"] = policy_steps_per_second(under_test, settings)
@@ -387,6 +466,78 @@ def measure_variant(cfg: DictConfig, variant: str, settings: Settings, info: Env
         if record.get("full_update_s"):
             record["full_updates_per_s"] = 1.0 / record["full_update_s"]
     return list(records.values())
+
+
+def measure_interleaved(cfg: DictConfig, settings: Settings, info: EnvInfo) -> dict[tuple[str, str], list[float]]:
+    """Full-update times of every (implementation, variant), all built at once and timed in turns (round-robin over
+    variants too), so that a changing load on a shared machine affects every variant alike."""
+    device = settings.device
+    batch = make_replay_batch(settings.batch_size, settings.batch_length, info, device)
+    calls = {}
+    for variant in settings.variants:
+        for impl in settings.impls:
+            under_test = build_impl(impl, cfg, variant, device, info, settings.compile_backend)
+            calls[f"{impl}|{variant}"] = functools.partial(under_test.full_update, batch)
+    round_robin(calls, max(settings.warmup, 1), device)
+    times, _ = round_robin(calls, settings.repeats, device)
+    return {tuple(name.split("|")): values for name, values in times.items()}
+
+
+def peak_memory_bytes(call: Callable[[], object], device: torch.device) -> int | None:
+    """Peak device memory allocated while ``call()`` runs (CUDA); ``None`` on a CPU, where nothing is called."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+OP_CATEGORIES = {  # operator name fragments -> category, first match wins
+    "convolution": ("conv",),
+    "matmul": ("addmm", "::mm", "bmm", "matmul", "linear", "gru"),
+    "optimizer": ("_foreach", "adam", "clip_grad"),
+    "copy/layout": ("copy_", "contiguous", "clone", "to_copy", "cat", "stack", "index", "reshape", "view"),
+    "compiled graph": ("compiled", "inductor", "graph"),
+}
+
+
+def op_category(name: str) -> str:
+    lowered = name.lower()
+    return next((cat for cat, parts in OP_CATEGORIES.items() if any(p in lowered for p in parts)), "elementwise/other")
+
+
+def profile_update(call: Callable[[], object], device: torch.device) -> dict[str, Any]:
+    """``torch.profiler`` of one ``call()`` (a full update): total operator self time, operator calls, time per
+    category (convolution, matmul, optimizer, copy/layout, elementwise/other) and the top operators by self time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        call()
+        synchronize(device)
+    events = [event for event in profiler.key_averages() if event.self_cpu_time_total > 0]
+    total = sum(event.self_cpu_time_total for event in events) / 1e6
+    categories: dict[str, float] = {}
+    for event in events:
+        category = op_category(event.key)
+        categories[category] = categories.get(category, 0.0) + event.self_cpu_time_total / 1e6
+    top = sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILE_TOP_OPS]
+    return {
+        "profile_self_cpu_s": total,
+        "profile_op_calls": sum(event.count for event in events),
+        "profile_category_share": {name: value / total for name, value in sorted(categories.items())},
+        "profile_top_ops": [
+            {
+                "op": event.key,
+                "self_cpu_s": event.self_cpu_time_total / 1e6,
+                "share": event.self_cpu_time_total / 1e6 / total,
+                "calls": event.count,
+            }
+            for event in top
+        ],
+    }
 
 
 def policy_steps_per_second(under_test: UnderTest, settings: Settings) -> float:
@@ -453,10 +604,13 @@ def collector_steps_per_second(agent: Agent, settings: Settings) -> float:
     return steps / statistics.median(times[1:])
 
 
-def measure_replay(settings: Settings, info: EnvInfo) -> dict[str, Any]:
+def measure_replay(
+    settings: Settings, info: EnvInfo, update: Callable[[TensorDictBase], object] | None = None
+) -> dict[str, Any]:
     """Fills ``make_replay_buffer`` (memmap) with ``replay_frames`` random pixel steps in DMC-length episodes, times
     ``sample_sequences`` of one batch and its copy to the device (as training does; median of ``repeats``), and
-    measures the stored bytes per frame from the storage's tensors."""
+    measures the stored bytes per frame from the storage's tensors. With ``update`` it also times sampling hidden
+    behind updates (:func:`measure_prefetch`)."""
     frames, batch_size, batch_length = settings.replay_frames, settings.batch_size, settings.batch_length
     with tempfile.TemporaryDirectory(prefix="dreamer-replay-") as scratch:
         buffer = make_replay_buffer(frames, batch_length, "memmap", Path(scratch))
@@ -489,7 +643,9 @@ def measure_replay(settings: Settings, info: EnvInfo) -> dict[str, Any]:
         sample()
         times = [timed(sample, settings.device) for _ in range(settings.repeats)]
         total_bytes = sum(value.numel() * value.element_size() for value in stored.values())
+        overlap = measure_prefetch(buffer, settings, update) if update is not None else {}
         return {
+            **overlap,
             "replay_frames": len(storage),
             "replay_sample_s": median(times),
             "replay_sample_times_s": times,
@@ -497,6 +653,74 @@ def measure_replay(settings: Settings, info: EnvInfo) -> dict[str, Any]:
             "replay_pixel_bytes_per_frame": bytes_per_frame["pixels"],
             "replay_stored_keys": sorted(stored),
         }
+
+
+def measure_prefetch(
+    buffer: TensorDictReplayBuffer, settings: Settings, update: Callable[[TensorDictBase], object]
+) -> dict[str, Any]:
+    """Sampling exposed to the training loop with and without prefetching, over ``buffer``'s steps.
+
+    Two buffers share ``buffer``'s storage: one samples on demand, one prefetches ``settings.prefetch`` batches
+    (pinned on CUDA). Each loop step samples a batch, copies it to the device (non-blocking) and runs ``update`` on
+    it, as training does; the buffers take turns. ``replay_sample_exposed_s`` is the median time the loop waits for
+    its batch, ``replay_step_s`` the median of sampling plus update (on a CPU the prefetching thread competes with
+    the update for the cores, which this shows), per prefetch count.
+    """
+    device, count = settings.device, settings.prefetch
+    samplers = {
+        prefetch: make_replay_buffer(
+            buffer.storage.max_size,
+            settings.batch_length,
+            buffer.storage,
+            None,
+            batch_size=settings.batch_size,
+            prefetch=prefetch,
+            pin_memory=device.type == "cuda",
+        )
+        for prefetch in dict.fromkeys((0, count))
+    }
+
+    def loop_step(sampler: TensorDictReplayBuffer) -> tuple[float, float]:
+        synchronize(device)
+        start = time.perf_counter()
+        batch = sample_sequences(sampler, settings.batch_size, settings.batch_length).to(device, non_blocking=True)
+        synchronize(device)
+        sampled = time.perf_counter()
+        update(batch)
+        synchronize(device)
+        return sampled - start, time.perf_counter() - start
+
+    exposed: dict[str, list[float]] = {str(prefetch): [] for prefetch in samplers}
+    steps: dict[str, list[float]] = {str(prefetch): [] for prefetch in samplers}
+    for sampler in samplers.values():
+        loop_step(sampler)  # warm-up: fills the prefetch queue
+    for round_index in range(settings.repeats):
+        order = list(samplers.items())
+        for prefetch, sampler in order[round_index % 2 :] + order[: round_index % 2]:
+            wait, step = loop_step(sampler)
+            exposed[str(prefetch)].append(wait)
+            steps[str(prefetch)].append(step)
+    for sampler in samplers.values():
+        sampler.shutdown()
+    exposed_s = {key: median(values) for key, values in exposed.items()}
+    off, on = exposed_s["0"], exposed_s[str(count)]
+    return {
+        "replay_prefetch": count,
+        "replay_sample_exposed_s": exposed_s,
+        "replay_step_s": {key: median(values) for key, values in steps.items()},
+        "replay_sample_hidden_fraction": 1 - on / off if off else None,
+    }
+
+
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    """``speedup_vs_eager``: each record's full update against the same implementation's eager float32 one."""
+    for key in ("full_update_s", "full_update_interleaved_s"):
+        eager = {r["impl"]: r.get(key) for r in records if r["variant"] == "eager"}
+        for record in records:
+            base, own = eager.get(record["impl"]), record.get(key)
+            record[key.replace("full_update", "speedup_vs_eager").removesuffix("_s")] = (
+                base / own if base and own else None
+            )
 
 
 def environment_info(device: torch.device) -> dict[str, Any]:
@@ -538,19 +762,59 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def format_table(records: list[dict[str, Any]]) -> str:
     header = (
-        f"{'variant':<8} {'impl':<8} {'full s':>8} {'upd/s':>7} {'wm s':>8} {'beh s':>8} "
-        f"{'policy/s':>9} {'collect/s':>9}  note"
+        f"{'variant':<20} {'impl':<8} {'full s':>8} {'upd/s':>7} {'x eager':>7} {'wm s':>8} {'beh s':>8} "
+        f"{'peak MB':>8} {'policy/s':>9} {'collect/s':>9}  note"
     )
     lines = [header, "-" * len(header)]
     for r in records:
         lines.append(
-            f"{r['variant']:<8} {r['impl']:<8} {_fmt(r.get('full_update_s')):>8} "
-            f"{_fmt(r.get('full_updates_per_s'), 2):>7} "
+            f"{r['variant']:<20} {r['impl']:<8} {_fmt(r.get('full_update_s')):>8} "
+            f"{_fmt(r.get('full_updates_per_s'), 2):>7} {_fmt(r.get('speedup_vs_eager'), 2):>7} "
             f"{_fmt(r.get('world_model_update_s')):>8} {_fmt(r.get('behaviour_update_s')):>8} "
+            f"{_fmt(_megabytes(r.get('peak_memory_bytes')), 0):>8} "
             f"{_fmt(r.get('policy_forward_steps_per_s'), 0):>9} {_fmt(r.get('collector_steps_per_s'), 0):>9}  "
             f"{r.get('error', '')}"
         )
     return "\n".join(lines)
+
+
+def _megabytes(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
+def replay_lines(ours: dict[str, Any], settings: Settings) -> list[str]:
+    """The replay measures of ``ours``' record, in words."""
+    if "replay_sample_s" not in ours:
+        return []
+    lines = [
+        f"replay: sample {settings.batch_size}x{settings.batch_length} from {ours['replay_frames']} memmap steps "
+        f"{_fmt(ours['replay_sample_s'])} s; {ours['replay_bytes_per_frame']:.0f} bytes/frame stored "
+        f"({ours['replay_pixel_bytes_per_frame']} pixels; keys {', '.join(ours['replay_stored_keys'])})"
+    ]
+    if "replay_sample_exposed_s" in ours:
+        count = str(ours["replay_prefetch"])
+        exposed, steps = ours["replay_sample_exposed_s"], ours["replay_step_s"]
+        lines.append(
+            f"replay in the loop: sampling exposed {_fmt(exposed['0'], 4)} s without prefetch, "
+            f"{_fmt(exposed[count], 4)} s with prefetch {count} ({_fmt(ours['replay_sample_hidden_fraction'], 2)} "
+            f"hidden); sample+update {_fmt(steps['0'])} s vs {_fmt(steps[count])} s"
+        )
+    return lines
+
+
+def profile_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Ours' profile per variant: operator time by category and the five most expensive operators."""
+    lines = []
+    for record in records:
+        if "profile_top_ops" not in record:
+            continue
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in record["profile_category_share"].items())
+        top = ", ".join(f"{op['op']} {op['share']:.0%}" for op in record["profile_top_ops"][:5])
+        lines.append(
+            f"profile {record['variant']} ours: {record['profile_self_cpu_s']:.3f} s operator time, "
+            f"{record['profile_op_calls']} operator calls; {shares}; top: {top}"
+        )
+    return lines
 
 
 def summary_lines(records: list[dict[str, Any]], settings: Settings) -> list[str]:
@@ -564,6 +828,13 @@ def summary_lines(records: list[dict[str, Any]], settings: Settings) -> list[str
                 f"ours/plain {_fmt(ratio(records, variant, key, 'ours', 'plain'), 2)}"
             )
         lines.append(f"{variant}: " + "; ".join(parts))
+    for record in records:
+        if record["impl"] == "ours" and record["variant"] != "eager" and record.get("speedup_vs_eager"):
+            interleaved = record.get("speedup_vs_eager_interleaved")
+            lines.append(
+                f"ours {record['variant']}: {record['speedup_vs_eager']:.2f}x eager float32"
+                + (f" ({interleaved:.2f}x timed in turns with it)" if interleaved else "")
+            )
     paper = (settings.batch_size, settings.batch_length) == PAPER_BATCH
     size_note = "" if paper else f" [measured at {settings.batch_size}x{settings.batch_length}, targets are for 50x50]"
     if settings.device.type == "cpu":
@@ -589,6 +860,37 @@ def _verdict(value: float | None, threshold: float, *, below: bool) -> str:
     return "met" if (value <= threshold if below else value >= threshold) else "NOT met"
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 autocast runs natively: a GPU that supports it, or a CPU with native bfloat16."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+
+
+def default_variants(device: torch.device, quick: bool) -> list[str]:
+    """Eager (only, with ``quick`` on a CPU), compile, and the autocast dtypes ``device`` runs natively."""
+    variants = ["eager"] if quick and device.type == "cpu" else ["eager", "compile"]
+    if bf16_supported(device):
+        variants.append("bf16")
+    if device.type == "cuda":
+        variants.append("fp16")
+    return variants
+
+
+def variant_problem(variants: Sequence[str], device: torch.device) -> str | None:
+    """Why ``variants`` cannot be measured on ``device`` (``None`` when they can)."""
+    if not variants:
+        return "no variant given"
+    for variant in variants:
+        try:
+            spec = parse_variant(variant)
+        except ValueError as error:
+            return str(error)
+        if device.type == "cpu" and any(option in CUDA_ONLY_OPTIONS for option in variant.split("+")):
+            return "fp16 (autocast) needs --device cuda"
+        if spec.autocast is torch.bfloat16 and not bf16_supported(device):
+            return f"bf16 needs native bfloat16 on {device} (CPU: avx512_bf16, amx_bf16 or Arm bf16)"
+    return None
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -606,8 +908,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path]:
         "--warmup", type=int, default=None, help="untimed runs first (default 2, quick 1; at least 1 update is run)"
     )
     parser.add_argument(
-        "--variants", default=None, help="comma list of eager, compile, bf16, fp16 (default: all the device supports)"
+        "--variants",
+        default=None,
+        help="comma list of variants, each a +-joined set of eager, compile (the loss modules), compile_step (the\n"
+        "whole update), bf16, fp16, channels_last; e.g. eager,bf16,compile_step+bf16 (default: eager, compile,\n"
+        "and the autocast dtypes the device supports; bf16 on CPUs with native bfloat16, fp16 on CUDA only)",
     )
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma list of implementations to time (default {','.join(IMPLS)})"
+    )
+    parser.add_argument(
+        "--interleave", action="store_true", help="also time the full updates of all variants in turns (fair ratios)"
+    )
+    parser.add_argument("--profile", action="store_true", help="torch.profiler of one update of ours per variant")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches prefetched in the replay measure (2)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor)")
     parser.add_argument("--replay-frames", type=int, default=None, help="steps in the replay buffer (20k quick, 100k)")
     parser.add_argument("--policy-steps", type=int, default=None, help="policy steps per timed block (20 quick, 200)")
     parser.add_argument(
@@ -628,17 +943,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path]:
         )
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: allowed: cpu, cuda, cuda:N")
-    if args.variants is None:
-        variants = ["eager"] if args.quick and device.type == "cpu" else ["eager", "compile"]
-        if device.type == "cuda":
-            variants += ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    else:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in AUTOCAST]
-    if unknown or not variants:
-        parser.error(f"--variants {args.variants!r}: allowed: {', '.join(AUTOCAST)}")
-    if device.type == "cpu" and any(v in CUDA_ONLY_VARIANTS for v in variants):
-        parser.error("--variants bf16 and fp16 (autocast) need --device cuda")
+    variants = default_variants(device, args.quick) if args.variants is None else args.variants.split(",")
+    variants = [v.strip() for v in variants if v.strip()]
+    problem = variant_problem(variants, device)
+    if problem:
+        parser.error(f"--variants {args.variants!r}: {problem}")
+    impls = tuple(impl.strip() for impl in args.impls.split(",") if impl.strip())
+    if not impls or "ours" not in impls or any(impl not in IMPLS for impl in impls):
+        parser.error(f"--impls {args.impls!r}: a comma list of {', '.join(IMPLS)} that includes ours")
+    if args.prefetch < 1:
+        parser.error(f"--prefetch {args.prefetch}: must be at least 1")
     threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
     if threads is not None:
         if threads < 1:
@@ -655,27 +969,52 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path]:
         policy_steps=args.policy_steps or (QUICK_POLICY_STEPS if args.quick else FULL_POLICY_STEPS),
         quick=args.quick,
         overrides=list(args.overrides),
+        profile=args.profile,
+        prefetch=args.prefetch,
+        compile_backend=args.compile_backend,
+        impls=impls,
+        interleave=args.interleave,
     )
     json_path = args.json or ROOT / "benchmarks" / "results" / f"throughput_{device.type}.json"
     return settings, json_path
 
 
-def run(settings: Settings) -> list[dict[str, Any]]:
-    """Every variant of every implementation, then the replay measures (attached to ours' first record)."""
+SKIPPED = "skipped: wall-clock budget spent"
+
+
+def run(settings: Settings, deadline: float | None = None) -> list[dict[str, Any]]:
+    """Every variant of every implementation, then the replay measures (attached to ours' first record).
+
+    Variants not started by ``deadline`` (a ``time.perf_counter()`` value) get records with ``error`` ``SKIPPED``.
+    """
     cfg = compose_config(settings.overrides)
     if not cfg.env.from_pixels:
         raise SystemExit("throughput: error: the benchmark times the pixel agent; use a pixel env (env=dmc)")
     info = EnvInfo.probe(cfg.env)
     records: list[dict[str, Any]] = []
     for variant in settings.variants:
+        if deadline is not None and time.perf_counter() > deadline:
+            records += [{"impl": impl, "variant": variant, "error": SKIPPED} for impl in settings.impls]
+            continue
         print(f"[throughput] measuring {variant} ...", flush=True)
         records += measure_variant(cfg, variant, settings, info)
         gc.collect()  # the variant's models and graphs go before the next one is built
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
+    if settings.interleave:
+        print("[throughput] timing full updates of all variants in turns ...", flush=True)
+        interleaved = measure_interleaved(cfg, settings, info)
+        for record in records:
+            values = interleaved.get((record["impl"], record["variant"]))
+            if values:
+                record["full_update_interleaved_s"] = median(values)
+                record["full_update_interleaved_times_s"] = values
     print("[throughput] measuring replay ...", flush=True)
-    replay = measure_replay(settings, info)
+    # Prefetching is timed against ours' update in the first variant, as a training run would use it.
+    ours = build_impl("ours", cfg, settings.variants[0], settings.device, info, settings.compile_backend)
+    replay = measure_replay(settings, info, ours.full_update)
     next(r for r in records if r["impl"] == "ours").update(replay)
+    add_speedups(records)
     common = {
         "device": str(settings.device),
         "batch_size": settings.batch_size,
@@ -718,12 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = run(settings)
     print(format_table(records))
     ours = next(r for r in records if r["impl"] == "ours")
-    if "replay_sample_s" in ours:
-        print(
-            f"replay: sample {settings.batch_size}x{settings.batch_length} from {ours['replay_frames']} memmap steps "
-            f"{_fmt(ours['replay_sample_s'])} s; {ours['replay_bytes_per_frame']:.0f} bytes/frame stored "
-            f"({ours['replay_pixel_bytes_per_frame']} pixels; keys {', '.join(ours['replay_stored_keys'])})"
-        )
+    for line in replay_lines(ours, settings) + profile_lines(records):
+        print(line)
     print("policy/s: acting-policy forward on a [1] batch; collect/s: ours in a TorchRL Collector, constant-frame env")
     print(TORCHRL_NOTE)
     for line in summary_lines(records, settings):

@@ -20,6 +20,8 @@ from benchmarks.throughput import (
     compose_config,
     main,
     make_replay_batch,
+    op_category,
+    parse_variant,
     ratio,
 )
 from utils.agent import EnvInfo
@@ -133,6 +135,11 @@ def test_a_tiny_run_prints_the_ratio_last_and_writes_valid_json(tmp_path, capsys
     assert ours["replay_pixel_bytes_per_frame"] == 3 * 64 * 64
     assert ours["replay_bytes_per_frame"] == 3 * 64 * 64 + 4 * tiny_info.action_dim + 4 + 1 + 1 + 3 * 8
     assert not any(key.startswith("next") for key in ours["replay_stored_keys"])
+    # Sampling in the training loop, on demand and prefetched (2 batches by default); no GPU, no peak memory.
+    assert ours["replay_prefetch"] == 2
+    assert set(ours["replay_sample_exposed_s"]) == set(ours["replay_step_s"]) == {"0", "2"}
+    assert all(ours["replay_step_s"][k] >= ours["replay_sample_exposed_s"][k] > 0 for k in ("0", "2"))
+    assert all(record["peak_memory_bytes"] is None for record in records)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -143,10 +150,10 @@ def test_cuda_without_cuda_fails_with_a_clear_message(capsys) -> None:
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_autocast_variants_are_refused_on_cpu(capsys) -> None:
+def test_float16_autocast_is_refused_on_cpu(capsys) -> None:
     with pytest.raises(SystemExit):
-        main(["--variants", "eager,bf16"])
-    assert "need --device cuda" in capsys.readouterr().err
+        main(["--variants", "eager,compile_step+fp16"])
+    assert "fp16 (autocast) needs --device cuda" in capsys.readouterr().err
 
 
 def test_ratio_divides_the_named_implementations_within_a_variant() -> None:
@@ -158,3 +165,49 @@ def test_ratio_divides_the_named_implementations_within_a_variant() -> None:
     ]
     assert ratio(records, "eager", "full_update_s", "ours", "torchrl") == 0.75
     assert ratio(records, "compile", "full_update_s", "ours", "torchrl") is None
+
+
+def test_variant_names_combine_precision_compilation_and_memory_format() -> None:
+    spec = parse_variant("compile_step+bf16+channels_last")
+    assert (spec.autocast, spec.compile, spec.channels_last) == (torch.bfloat16, "step", True)
+    assert parse_variant("compile").compile == "losses" and parse_variant("eager").autocast is None
+    for bad in ("fast", "bf16+fp16", "compile+compile_step", "eager+bf16"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
+
+def test_channels_last_keeps_the_optimised_parameters_and_the_update(tiny_cfg: DictConfig, tiny_info: EnvInfo) -> None:
+    """Channels-last weights are the same parameters (the optimisers still step them) and give the same losses."""
+    device = torch.device("cpu")
+    eager = build_impl("ours", tiny_cfg, "eager", device, tiny_info)
+    channels_last = build_impl("ours", tiny_cfg, "channels_last", device, tiny_info)
+    convolutions = [p for p in channels_last.update.parameters["world_model"] if p.dim() == 4]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    optimised = {
+        id(p) for group in channels_last.update.optimizers["world_model"].param_groups for p in group["params"]
+    }
+    assert {id(p) for p in convolutions} <= optimised
+    batch = make_replay_batch(3, 6, tiny_info, device)
+    torch.manual_seed(1)
+    expected = eager.update.step(batch.copy())
+    torch.manual_seed(1)
+    got = channels_last.update.step(batch.copy())
+    for name in ("loss/world_model", "loss/actor", "loss/value"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_step_compiles_the_whole_update_of_every_implementation(
+    tiny_cfg: DictConfig, tiny_info: EnvInfo
+) -> None:
+    """The wrapper only (running it takes minutes on a CPU): each implementation's step becomes a compiled one."""
+    for impl in IMPLS:
+        under_test = build_impl(impl, tiny_cfg, "compile_step", torch.device("cpu"), tiny_info, "eager")
+        stepper = under_test.update if impl == "ours" else under_test.dreamer
+        assert hasattr(stepper.step, "_torchdynamo_orig_callable"), f"{impl}: step is not compiled"
+
+
+def test_profiled_operators_fall_into_the_reported_categories() -> None:
+    assert op_category("aten::convolution_backward") == "convolution"
+    assert op_category("aten::addmm") == op_category("aten::mm") == "matmul"
+    assert op_category("aten::_foreach_add_") == "optimizer"
+    assert op_category("aten::tanh") == "elementwise/other"

@@ -15,12 +15,15 @@ sampled sequence never crosses an episode boundary or mixes environments.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from tensordict import TensorDict
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, Storage, TensorDictReplayBuffer
 from torchrl.data.replay_buffers.samplers import SliceSampler
+
+from utils.config import ConfigError
 
 STEP_KEYS = ("action", "reward", "terminated", "is_first", "episode", "step")
 
@@ -120,22 +123,72 @@ def _steps_since_last_start(starts: torch.Tensor, carried: torch.Tensor) -> torc
     return torch.where(last_start >= 0, index - last_start, carried + index)
 
 
+SAMPLER_SEED_OFFSET = 20_000
+PREFETCH_DEFAULTS = {"cpu": 0, "cuda": 2}
+PREFETCH_FILE = "prefetch.pkl"
+
+
+def resolve_prefetch(value: object, device: torch.device) -> int:
+    """``replay_buffer.prefetch``: ``null`` = the device's default (:data:`PREFETCH_DEFAULTS`), else batches >= 0.
+
+    On a CPU the background sampling thread competes with the update for the same cores and sampling is about 1%
+    of an update (``benchmarks/throughput.py``), so nothing is prefetched by default; on CUDA two batches are
+    sampled and pinned while the GPU computes.
+    """
+    if value is None:
+        return PREFETCH_DEFAULTS.get(device.type, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"replay_buffer.prefetch={value!r} must be null (device default) or an integer >= 0")
+    return value
+
+
 def make_replay_buffer(
-    buffer_size: int, batch_length: int, storage: str, replay_dir: Path | None
+    buffer_size: int,
+    batch_length: int,
+    storage: str | Storage,
+    replay_dir: Path | None,
+    *,
+    batch_size: int | None = None,
+    prefetch: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
 ) -> TensorDictReplayBuffer:
-    """Sequence replay: ``storage`` is ``memmap`` (on disk under ``replay_dir``) or ``memory``.
+    """Sequence replay: ``storage`` is ``memmap`` (on disk under ``replay_dir``), ``memory``, or the storage of
+    another buffer to sample the same steps differently (``benchmarks/throughput.py``).
 
     The memory map lives in ``<replay_dir>/storage``, where TorchRL's ``buffer.dumps(replay_dir)`` writes a
     storage: a checkpoint then only refreshes the metadata in place instead of copying the whole buffer
     (12 GB for a million 64x64x3 images).
+
+    ``prefetch`` batches of ``batch_size`` sequences are sampled ahead in a background thread (TorchRL's
+    ``prefetch``; needs ``batch_size``), and ``pin_memory`` pins each sampled batch (CUDA training: the copy to the
+    GPU can then be non-blocking). Sequences are drawn with the buffer's own generator, seeded by ``seed``: the
+    background thread and the update never share a random stream, so a run is reproducible with or without
+    prefetching, and the generator's state is saved with the buffer.
     """
-    if storage == "memmap":
+    if isinstance(storage, Storage):
+        backing = storage
+    elif storage == "memmap":
         backing = LazyMemmapStorage(buffer_size, scratch_dir=str(replay_dir / "storage"), existsok=True)
     elif storage == "memory":
         backing = LazyTensorStorage(buffer_size)
     else:
         raise ValueError(f"Unknown replay_buffer.storage {storage!r}; allowed: memmap, memory")
-    sampler = SliceSampler(
+    if prefetch and batch_size is None:
+        raise ValueError("make_replay_buffer: prefetch needs batch_size (sequences per sampled batch)")
+    return TensorDictReplayBuffer(
+        storage=backing,
+        sampler=_sequence_sampler(batch_length),
+        batch_size=None if batch_size is None else batch_size * batch_length,
+        prefetch=prefetch or None,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(SAMPLER_SEED_OFFSET + seed),
+    )
+
+
+def _sequence_sampler(batch_length: int) -> SliceSampler:
+    """Slices of ``batch_length`` consecutive steps of one episode (``(episode, step)`` keys, any storage order)."""
+    return SliceSampler(
         slice_len=batch_length,
         traj_key="episode",
         step_key="step",
@@ -145,10 +198,43 @@ def make_replay_buffer(
         init_key=None,
         truncated_key=None,
     )
-    return TensorDictReplayBuffer(storage=backing, sampler=sampler, batch_size=None)
 
 
-def sample_sequences(buffer: TensorDictReplayBuffer, batch_size: int, batch_length: int) -> TensorDict:
-    """Samples ``batch_size`` sequences of ``batch_length`` steps: a TensorDict ``[B, T]``."""
-    flat = buffer.sample(batch_size * batch_length)
+# TorchRL's SliceSampler raises this when no stored episode has ``slice_len`` consecutive steps.
+NO_LONG_EPISODE = "sufficient length"
+
+
+def sample_sequences(buffer: TensorDictReplayBuffer, batch_size: int, batch_length: int) -> TensorDict | None:
+    """Samples ``batch_size`` sequences of ``batch_length`` steps: a TensorDict ``[B, T]`` (the oldest prefetched
+    batch when the buffer prefetches, which :func:`make_replay_buffer` sized to the same ``batch_size``).
+
+    Episodes with fewer than ``batch_length`` stored steps are never sampled (a sequence may not cross into another
+    episode). When no stored episode is long enough yet (a terminating env's first episodes) there is nothing to
+    sample and this returns ``None`` instead of failing.
+    """
+    try:
+        flat = buffer.sample(batch_size * batch_length)
+    except RuntimeError as error:
+        if NO_LONG_EPISODE in str(error):
+            return None
+        raise
     return flat.reshape(batch_size, batch_length)
+
+
+def add_steps(buffer: TensorDictReplayBuffer, steps: TensorDict) -> None:
+    """Stores ``steps [N]`` after any batch being prefetched is drawn: prefetched batches then always come from the
+    buffer as it was before, whatever the threads' timing (reproducible runs)."""
+    buffer.synchronize()
+    buffer.extend(steps)
+
+
+def load_replay(buffer: TensorDictReplayBuffer, path: Path) -> None:
+    """``buffer.loads(path)``; batches prefetched by a run saved with another ``prefetch`` count are dropped (they
+    are redrawn) instead of failing the resume, as TorchRL refuses a queue of another capacity."""
+    queue_file = path / PREFETCH_FILE
+    if queue_file.exists():
+        with open(queue_file, "rb") as file:
+            saved = pickle.load(file)  # written by this run's own TorchRL buffer
+        if saved.get("capacity") != getattr(buffer, "_prefetch_cap", 0):  # TorchRL keeps the count private
+            queue_file.unlink()
+    buffer.loads(path)

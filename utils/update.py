@@ -63,9 +63,8 @@ class DreamerUpdate:
         self.autocast_dtype = autocast_dtype
         # One scaler per loss: the world-model loss (summed over pixels) overflows float16 at scales the actor and
         # value losses need, and a shared scaler would shrink theirs too.
-        self.scalers = {
-            name: torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16) for name in self.groups
-        }
+        self.scaling = autocast_dtype is torch.float16
+        self.scalers = {name: torch.amp.GradScaler(device.type, enabled=self.scaling) for name in self.groups}
         losses: tuple[LossFn, LossFn, LossFn] = (world_model_loss, actor_loss, value_loss)
         if compile:
             losses = tuple(torch.compile(loss, backend=compile_backend) for loss in losses)
@@ -120,8 +119,12 @@ class DreamerUpdate:
         return terms
 
     def _gradient(self, name: str, loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradient of the (scaled) ``loss`` with respect to group ``name``'s parameters only."""
-        return torch.autograd.grad(self.scalers[name].scale(loss), self.parameters[name], allow_unused=True)
+        """Gradient of the (scaled) ``loss`` with respect to group ``name``'s parameters only.
+
+        Disabled scalers (all but float16) are not called at all: ``torch.compile`` cannot trace ``GradScaler``, and
+        each call would split a compiled update into more graphs."""
+        scaled = self.scalers[name].scale(loss) if self.scaling else loss
+        return torch.autograd.grad(scaled, self.parameters[name], allow_unused=True)
 
     def _apply(self, name: str, gradients: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         """Unscales, clips (norm ``grad_clip``) and applies one group's gradients; returns the pre-clip norm.
@@ -131,6 +134,10 @@ class DreamerUpdate:
         parameters, optimizer, scaler = self.parameters[name], self.optimizers[name], self.scalers[name]
         for parameter, gradient in zip(parameters, gradients, strict=True):
             parameter.grad = gradient
+        if not self.scaling:  # what a disabled scaler does, without calling it (see _gradient)
+            norm = nn.utils.clip_grad_norm_(parameters, self.grad_clip)
+            optimizer.step()
+            return norm.detach()
         scaler.unscale_(optimizer)
         norm = nn.utils.clip_grad_norm_(parameters, self.grad_clip)
         scaler.step(optimizer)
