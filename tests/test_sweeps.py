@@ -315,11 +315,11 @@ def test_default_and_joblib_launchers_compose() -> None:
 def test_slurm_preset_selects_the_launcher_and_bfloat16_autocast() -> None:
     cfg = compose_config("experiment=slurm", "env.name=walker", "env.task=walk", return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.dreamer_launchers.DreamerSlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.nodes, launcher.tasks_per_node) == ("gpu", 1, 1, 1)
     assert (launcher.cpus_per_task, launcher.mem_gb, launcher.timeout_min) == (8, 32, 1440)
-    assert (launcher.array_parallelism, launcher.max_num_timeout) == (16, 0)
-    assert launcher.additional_parameters.signal == "TERM@120"
+    assert (launcher.array_parallelism, launcher.max_num_timeout, launcher.signal_delay_s) == (16, 10, 120)
+    assert "signal" not in launcher.additional_parameters  # submitit's own USR2, which requeues
     assert cfg.optimization.autocast == "bfloat16"
     assert (cfg.env.name, cfg.env.task) == ("walker", "walk")
     # The launcher alone keeps the config's autocast.
@@ -363,10 +363,10 @@ def test_slurm_sweep_submits_one_array_job_with_our_parameters(tmp_path: Path) -
     assert (flags["--cpus-per-task"], flags["--mem"], flags["--time"]) == ("8", "32GB", "1440")
     assert (flags["--nodes"], flags["--ntasks-per-node"]) == ("1", "1")
     assert flags["--array"] == "0-2%2"  # three runs, at most two at once
-    assert flags["--signal"] == "TERM@120"
+    assert flags["--signal"] == "USR2@120"
     assert flags["--output"].startswith(f"{sweep_dir}/.submitit/")
 
     jobs = sorted(pickle.loads(path.read_bytes()).args[:3] for path in (sweep_dir / ".submitit").glob("*.pkl"))
     assert [(overrides, number) for overrides, _, number in jobs] == [
-        (["experiment=slurm", f"env.seed={seed}"], seed) for seed in range(3)
+        (["experiment=slurm", f"env.seed={seed}", "resume=auto"], seed) for seed in range(3)
     ]

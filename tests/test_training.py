@@ -65,17 +65,19 @@ def test_debug_run_writes_metrics_checkpoints_and_videos(debug_run: Path) -> Non
     assert (debug_run / "checkpoints" / "best.pt").is_file()
     assert not list((debug_run / "checkpoints").glob(".*tmp*"))
 
-    # Two videos per evaluation: the real episode (51 steps of 64x64) and the truth | model | error dream grid.
+    # Two videos per evaluation: the real episode (51 steps of 64x64) and the truth | model | error dream grid,
+    # under a 14-pixel row of titles, enlarged 3 times.
     episode_videos = sorted((debug_run / "videos").glob("eval_episode_*.mp4"))
     dream_videos = sorted((debug_run / "videos").glob("eval_open_loop_dream_*.mp4"))
     assert len(episode_videos) == len(dream_videos) == 2
     dream = imageio.mimread(dream_videos[-1])
-    assert len(dream) == 51 and dream[0].shape == (64, 3 * 64, 3)
+    assert len(dream) == 51 and dream[0].shape == (3 * (14 + 64), 3 * 3 * 64, 3)
     real = imageio.mimread(episode_videos[-1])
-    assert len(real) == 51 and real[0].shape == (64, 64, 3)
-    # The "truth" panel of the dream is the real episode (up to video compression).
-    truth = torch.tensor(dream[10][:, :64].astype(float))
-    assert (truth - torch.tensor(real[10].astype(float))).abs().mean() < 8
+    assert len(real) == 51 and real[0].shape == (3 * (14 + 64), 3 * 64, 3)
+    # The "truth" panel of the dream is the real episode (up to video compression); the title rows differ.
+    truth = torch.tensor(dream[10][3 * 14 :, : 3 * 64].astype(float))
+    assert (truth - torch.tensor(real[10][3 * 14 :].astype(float))).abs().mean() < 8
+    assert (dream[10][: 3 * 14, : 3 * 64] != real[10][: 3 * 14]).any()  # "truth" vs "episode"
 
 
 def test_resume_extends_a_finished_run_with_counters_and_buffer_intact(debug_run: Path, tmp_path: Path) -> None:
@@ -147,7 +149,10 @@ def test_autocast_on_cpu_falls_back_to_float32_with_one_warning(tmp_path: Path) 
     ("make_path", "message"),
     [
         (lambda d: d / "missing", "Checkpoint not found"),
-        (lambda d: (d / "x.pt").write_text("not a checkpoint") and d / "x.pt", "not a dreamer checkpoint or truncated"),
+        (
+            lambda d: (d / "x.pt").write_text("not a checkpoint") and d / "x.pt",
+            "is a file; resume takes a run directory",
+        ),
     ],
 )
 def test_resume_from_a_bad_checkpoint_is_one_clear_line(tmp_path: Path, make_path, message: str) -> None:

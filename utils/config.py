@@ -16,6 +16,7 @@ from losses.world_model import FREE_NATS_MODES
 from modules.actor import MODE_ESTIMATES
 from modules.init import INIT_SCHEMES
 from utils.envs import validate_env_config
+from utils.resume import register_resolvers
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 AUTOCAST_CHOICES = {"false": None, "true": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,10 +168,22 @@ def command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def apply_overrides(saved: DictConfig, overrides: list[str], ignore: tuple[str, ...]) -> DictConfig:
+def config_group_choices() -> dict[str, str | None]:
+    """The option this invocation selected in each config group (``{"env": "pendulum", ...}``; empty outside
+    Hydra). Kept with a run, so that resuming it with its own command line (``resume=auto``) is accepted."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {group: choices.get(group) for group in CONFIG_GROUPS if group in choices}
+
+
+def apply_overrides(
+    saved: DictConfig, overrides: list[str], ignore: tuple[str, ...], saved_choices: dict | None = None
+) -> DictConfig:
     """``saved`` with command-line overrides on top (parsed by Hydra's own override grammar).
 
-    Refuses to select config groups or to change the network or environment identity of a saved run.
+    Refuses to select config groups (except the option the run was composed with, in ``saved_choices``) or to
+    change the network or environment identity of a saved run.
     """
     merged = saved.copy()
     for override in OverridesParser.create().parse_overrides(overrides):
@@ -179,7 +192,8 @@ def apply_overrides(saved: DictConfig, overrides: list[str], ignore: tuple[str, 
             continue
         value = override.value()
         if key in CONFIG_GROUPS:
-            raise ConfigError(f"Cannot select {key}={value} for a saved run or checkpoint; override its keys instead")
+            _accept_own_group_choice(key, value, saved_choices or {})
+            continue
         section, _, leaf = key.partition(".")
         old = OmegaConf.select(saved, key)
         if (section in FROZEN_SECTIONS or (section == "env" and leaf in FROZEN_ENV_KEYS)) and old != value:
@@ -189,10 +203,23 @@ def apply_overrides(saved: DictConfig, overrides: list[str], ignore: tuple[str, 
     return merged
 
 
-def restore_config(current: DictConfig, saved: dict, overrides: list[str], ignore: tuple[str, ...]) -> DictConfig:
+def _accept_own_group_choice(group: str, value: object, saved_choices: dict) -> None:
+    """A saved run accepts the config group option it was composed with (its own command line), no other."""
+    if group in saved_choices and saved_choices[group] == value:
+        return
+    composed = f" (it was composed with {group}={saved_choices[group]})" if group in saved_choices else ""
+    raise ConfigError(
+        f"Cannot select {group}={value} for a saved run or checkpoint{composed}; override its keys instead"
+    )
+
+
+def restore_config(
+    current: DictConfig, saved: dict, overrides: list[str], ignore: tuple[str, ...], saved_choices: dict | None = None
+) -> DictConfig:
     """A saved run's config for this invocation: ``saved``, plus the current defaults of keys added to the code
     since it was written, plus this invocation's command-line ``overrides`` (see :func:`apply_overrides`)."""
-    return apply_overrides(OmegaConf.merge(OmegaConf.to_container(current), saved), overrides, ignore)
+    merged = OmegaConf.merge(OmegaConf.to_container(current), saved)
+    return apply_overrides(merged, overrides, ignore, saved_choices)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -209,5 +236,6 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 def compose_config(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
     """The project's composed config with ``overrides``, outside the command line (tests, benchmarks)."""
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)

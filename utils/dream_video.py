@@ -116,6 +116,13 @@ def dream_video(
         decode_frames(world_model.decoder, feature(deter, stoch)),
         *(decode_frames(world_model.decoder, features) for features in imagined),
     ]
-    row = np.concatenate(panels, axis=2)  # [T + 1, 64, P * 64, 3]
-    labels = np.broadcast_to(label_row(panel_titles(horizon)), (row.shape[0], LABEL_HEIGHT, *row.shape[2:]))
-    return np.ascontiguousarray(np.concatenate([labels, row], axis=1))
+    return titled(np.concatenate(panels, axis=2), panel_titles(horizon))  # panels: [T + 1, 64, P * 64, 3]
+
+
+def titled(panels: np.ndarray, titles: list[str], scale: int = 1) -> np.ndarray:
+    """uint8 frames ``[T, 64, P * 64, C]`` (``P`` panels side by side, ``C`` = 1 or 3) under a row of ``titles``,
+    enlarged ``scale`` times by pixel repetition: ``[T, scale * (LABEL_HEIGHT + 64), scale * P * 64, 3]``."""
+    panels = to_rgb(panels)
+    labels = np.broadcast_to(label_row(titles), (panels.shape[0], LABEL_HEIGHT, *panels.shape[2:]))
+    frames = np.concatenate([labels, panels], axis=1)
+    return np.ascontiguousarray(frames.repeat(scale, axis=1).repeat(scale, axis=2))

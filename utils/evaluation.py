@@ -17,6 +17,9 @@ from utils.metrics import RunLogger
 from utils.replay import StepRecorder
 
 DREAM_CONTEXT = 5
+DREAM_TITLES = ("truth", "model", "error")
+# Training's evaluation videos are enlarged this many times (64x64 panels become 192x192).
+VIDEO_SCALE = 3
 RGB_FRAME_KEY = "rgb_frame"
 
 
@@ -97,7 +100,11 @@ def open_loop_dream(world_model: WorldModel, steps: TensorDict, context: int = D
 
 
 def log_eval_videos(agent: Agent, episode: EpisodeResult, logger: RunLogger, step: int) -> None:
-    """Logs the real evaluation episode and an open-loop dream of it (pixel environments)."""
-    pixels = episode.steps[agent.obs_key]  # uint8 [T, C, H, W]
-    logger.log_video("eval/episode", pixels.permute(0, 2, 3, 1).numpy(), step=step)
-    logger.log_video("eval/open_loop_dream", open_loop_dream(agent.world_model, episode.steps), step=step)
+    """Logs the real evaluation episode and an open-loop dream of it (pixel environments), titled (``episode``;
+    ``truth | model | error``) and enlarged ``VIDEO_SCALE`` times so that they are readable on a dashboard."""
+    from utils.dream_video import titled  # utils.dream_video imports this module
+
+    pixels = episode.steps[agent.obs_key].permute(0, 2, 3, 1).numpy()  # uint8 [T, H, W, C]
+    logger.log_video("eval/episode", titled(pixels, ["episode"], VIDEO_SCALE), step=step)
+    dream = open_loop_dream(agent.world_model, episode.steps)
+    logger.log_video("eval/open_loop_dream", titled(dream, list(DREAM_TITLES), VIDEO_SCALE), step=step)

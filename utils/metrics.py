@@ -62,14 +62,22 @@ def _plain(value: float | int | torch.Tensor | None) -> float | int | str:
     return value
 
 
-def make_dashboard(logger_cfg: DictConfig, run_dir: Path, run_name: str, config: DictConfig) -> Logger | None:
-    """TorchRL logger for ``logger.backend``: wandb (offline by default), tensorboard, csv, or none."""
+def make_dashboard(
+    logger_cfg: DictConfig, run_dir: Path, run_name: str, config: DictConfig, run_id: str | None = None
+) -> Logger | None:
+    """TorchRL logger for ``logger.backend``: wandb (offline by default), tensorboard, csv, or none.
+
+    ``run_id`` (kept in the run's checkpoints) is the wandb run id, so that a resumed run continues its dashboard
+    run (online, and offline after ``wandb sync``). tensorboard and csv write to ``<run dir>/<backend dir>/<run
+    name>`` and so continue their files on resume.
+    """
     backend = logger_cfg.backend
     if backend == "none":
         return None
     if backend == "wandb":
         logger = WandbLogger(
             exp_name=run_name,
+            id=run_id,
             offline=logger_cfg.mode == "offline",
             save_dir=str(run_dir),
             project=logger_cfg.project,

@@ -7,8 +7,11 @@ start or resume: ``utils/provenance.py``), ``metrics.csv``, ``checkpoints/{last,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from utils.config import (
     ConfigError,
     check_config,
     command_line_overrides,
+    config_group_choices,
     resolve_autocast,
     resolve_device,
     resolve_num_threads,
@@ -30,6 +34,7 @@ from utils.config import (
 )
 from utils.provenance import record_segment, segment_info
 from utils.replay import StepRecorder
+from utils.resume import continues_run
 
 
 @dataclasses.dataclass
@@ -47,14 +52,23 @@ class RunState:
     best_eval_return: float | None = None
     replay_saved: bool = False
     recorder: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The training environment's random stream at the checkpoint (utils/env_rng.py); None for several envs.
+    env_rng: dict[str, Any] | None = None
+    # The run's dashboard id (wandb run id), kept across resumes so that all segments log to one dashboard run.
+    # Drawn from the OS, not from the seeded RNGs; a checkpoint written before this field gets one on resume.
+    run_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
+    # The config groups' options the run was composed with (utils.config.config_group_choices).
+    config_choices: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunState]:
-    """Builds the agent for a new run in ``run_dir``, or restores everything from its last checkpoint."""
+    """Builds the agent for a new run in ``run_dir``, or restores everything from its last checkpoint (``resume``
+    set to the run directory, or ``auto`` with a checkpoint there: ``utils/resume.py``)."""
     payload = None
-    if cfg.resume:
+    if continues_run(cfg.resume, run_dir):
         payload = load_checkpoint(run_dir)
-        cfg = restore_config(cfg, payload["config"], command_line_overrides(), ignore=("resume",))
+        saved_choices = payload["counters"].get("config_choices", {})
+        cfg = restore_config(cfg, payload["config"], command_line_overrides(), ("resume",), saved_choices)
         with open_dict(cfg):
             cfg.resume = str(run_dir)
     check_config(cfg)
@@ -67,7 +81,9 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
     seed_everything(cfg.env.seed)
     agent = build_agent(cfg, device, resolve_autocast(cfg.optimization.autocast, device))
     if payload is None:
-        state = RunState(next_eval=cfg.logger.eval_every, next_checkpoint=cfg.checkpoint_every)
+        state = RunState(
+            next_eval=cfg.logger.eval_every, next_checkpoint=cfg.checkpoint_every, config_choices=config_group_choices()
+        )
     else:
         load_agent_state(agent, payload)
         state = RunState(**payload["counters"])
@@ -84,7 +100,7 @@ def refuse_finished_or_started_run(run_dir: Path) -> None:
         if (run_dir / name).exists():
             raise ConfigError(
                 f"Run directory {run_dir} already holds a run ({name}); continue it with resume={run_dir} "
-                "or start a new one in another hydra.run.dir"
+                "(or resume=auto) or start a new one in another hydra.run.dir"
             )
 
 
@@ -92,6 +108,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def evaluation_seed(env_seed: int, index: int) -> int:
+    """The RNG seed of a run's ``index``-th evaluation: a function of ``env.seed`` and the index only."""
+    return int(np.random.SeedSequence([env_seed, index]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Runs the block on Python, NumPy and torch (CPU and CUDA) RNGs seeded with ``seed``, then puts the previous
+    states back: what the block draws leaves the caller's random stream (training's) as it was."""
+    saved = capture_rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)
 
 
 def load_agent_state(agent: Agent, payload: dict[str, Any]) -> None:

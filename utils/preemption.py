@@ -1,0 +1,63 @@
+"""Stopping a training run cleanly on a signal, then handing the signal on (a cluster's requeue).
+
+While training, SIGTERM (``kill``, ``scancel``) and submitit's preemption/time-limit signal (``SIGUSR2``, or
+``$SUBMITIT_PREEMPT_SIGNAL``) raise :class:`StopRequested` in the training loop, which then saves
+``checkpoints/last.pt``. Signals that arrive after that are only recorded, so they cannot cut the checkpoint.
+:meth:`StopSignals.restore_and_forward` then calls, for each signal received, the handler installed before
+training: in a submitit job (SLURM, or submitit's local executor) that is submitit's requeue handler, which calls
+the launcher's ``checkpoint()`` (the same job arguments, ``resume=auto`` among them), requeues the job and exits;
+the requeued job continues from ``last.pt``. Outside submitit the previous handlers are the defaults, and the run
+just returns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+PREEMPT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+class StopRequested(Exception):
+    """Raised in the training loop by the first stop signal; the run saves ``last.pt`` and returns."""
+
+
+def preemption_signal() -> signal.Signals:
+    """submitit's preemption and time-limit signal: ``SIGUSR2`` unless ``$SUBMITIT_PREEMPT_SIGNAL`` names another."""
+    return signal.Signals[f"SIG{os.environ.get(PREEMPT_SIGNAL_VARIABLE, 'USR2')}"]
+
+
+class StopSignals:
+    """Handlers of SIGTERM and the preemption signal for one training run (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.signals = tuple(dict.fromkeys((signal.SIGTERM, preemption_signal())))
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+        self._raising = False
+
+    def install(self) -> StopSignals:
+        """Installs the handlers; the first signal from now on raises :class:`StopRequested`."""
+        self._raising = True
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
+        return self
+
+    def stop_raising(self) -> None:
+        """From now on signals are only recorded (the run is saving its checkpoint)."""
+        self._raising = False
+
+    def restore_and_forward(self) -> None:
+        """Puts the previous handlers back, then calls them for each signal received (in order, each once)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(self.received):
+            handler = self._previous.get(signum)
+            if callable(handler):
+                handler(signum, None)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self._raising:
+            self._raising = False
+            raise StopRequested(signal.Signals(signum).name)
