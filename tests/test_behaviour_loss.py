@@ -337,5 +337,7 @@ def test_imagination_matches_a_hand_written_rollout(monkeypatch: pytest.MonkeyPa
             stoch = prior_mean + (torch.nn.functional.softplus(prior_raw_std) + prior.min_std) * state_noise[t]
             for key, expected in (("action", action), ("deter", deter), ("stoch", stoch)):
                 torch.testing.assert_close(
-                    trajectory[key][t], expected, msg=f"imagined {key} at step {t} differs from the hand-written rollout"
+                    trajectory[key][t],
+                    expected,
+                    msg=f"imagined {key} at step {t} differs from the hand-written rollout",
                 )

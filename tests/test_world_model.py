@@ -243,3 +243,26 @@ def test_is_first_inside_the_sequence_resets_the_state() -> None:
     fresh = world_model(td[:, k:].clone())
     for key in ROLLOUT_KEYS:
         torch.testing.assert_close(fresh[key], full[key][:, k:], msg=key)
+
+
+def test_is_first_masks_a_nonzero_previous_action() -> None:
+    """Where ``is_first`` is set (at the sequence start and inside it) the previous action is zeroed before the step,
+    whatever action the data holds there."""
+    world_model = tiny_world_model((5,), from_pixels=False)
+    td = replay_batch(2, 6, (5,), from_pixels=False)
+    k = 3
+    td["is_first"][:, k] = True
+    td["action"][:, 0] = torch.tensor([0.9, -0.7])
+    td["action"][:, k] = torch.tensor([-0.8, 0.6])
+    zeroed = td.clone()
+    zeroed["action"][:, 0] = 0.0
+    zeroed["action"][:, k] = 0.0
+    with_actions, without = observe(world_model, td), observe(world_model, zeroed)
+    for key in ROLLOUT_KEYS:
+        torch.testing.assert_close(
+            with_actions[key],
+            without[key],
+            rtol=0,
+            atol=0,
+            msg=f"the RSSM must mask the previous action at is_first ({key})",
+        )

@@ -7,56 +7,65 @@ run interrupted in the middle of a training phase resumes with exactly the updat
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torchrl.collectors import Collector
+from torchrl.data import TensorDictReplayBuffer
 from torchrl.envs import ExplorationType, set_exploration_type
 from tqdm import tqdm
 
 from utils.agent import EVAL_SEED_OFFSET, Agent
-from utils.checkpoint import BEST, CHECKPOINT_DIR, LAST
+from utils.checkpoint import BEST, CHECKPOINT_DIR, LAST, capture_rng_state, restore_rng_state
 from utils.config import frames_to_agent_steps
+from utils.env_rng import EnvRngSnapshot, capture_env_rng, restore_env_rng
 from utils.evaluation import evaluate_policy, log_eval_videos
 from utils.metrics import RunLogger, make_dashboard
-from utils.replay import StepRecorder, make_replay_buffer, sample_sequences
-from utils.run_state import RunState, prepare_run, save_run_checkpoint
-
-
-class _Stop(Exception):
-    """Raised by the SIGTERM handler so that a terminated run saves its checkpoint like Ctrl-C."""
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop()
+from utils.preemption import StopRequested, StopSignals
+from utils.replay import StepRecorder, add_steps, load_replay, make_replay_buffer, resolve_prefetch, sample_sequences
+from utils.resume import run_directory
+from utils.run_state import RunState, evaluation_seed, isolated_rng, prepare_run, save_run_checkpoint
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Trains (or resumes) a run; returns the last evaluation return (for Hydra sweepers)."""
-    run_dir = Path(cfg.resume) if cfg.resume else Path(HydraConfig.get().runtime.output_dir)
+    """Trains (or resumes) a run; returns the last evaluation return (for Hydra sweepers).
+
+    Ctrl-C, SIGTERM and a cluster's preemption signal save ``checkpoints/last.pt``; the signals are then handed on
+    (``utils/preemption.py``: under submitit the job is requeued and continues with ``resume=auto``).
+    """
+    run_dir = run_directory(cfg.resume, Path(HydraConfig.get().runtime.output_dir))
     cfg, agent, state = prepare_run(cfg, run_dir)
     repeat = cfg.env.action_repeat
     batch_steps = frames_to_agent_steps(cfg.collector.frames_per_batch, repeat, "collector.frames_per_batch")
     prefill_frames = cfg.collector.init_random_frames
 
-    replay = make_replay_buffer(
-        cfg.replay_buffer.buffer_size, cfg.replay_buffer.batch_length, cfg.replay_buffer.storage, run_dir / "replay"
-    )
+    replay = _make_replay(cfg, agent.device, run_dir / "replay")
     recorder = StepRecorder(agent.obs_key, cfg.env.num_envs)
     if state.replay_saved:
-        replay.loads(run_dir / "replay")
+        load_replay(replay, run_dir / "replay")
         recorder.load_state_dict(state.recorder)
         # The collector below starts its environments afresh: an episode cut by the interruption is not continued.
         recorder.expect_reset()
 
-    logger = RunLogger(run_dir, make_dashboard(cfg.logger, run_dir, run_dir.name, cfg), cfg.logger.video_fps)
+    dashboard = make_dashboard(cfg.logger, run_dir, run_dir.name, cfg, run_id=state.run_id)
+    logger = RunLogger(run_dir, dashboard, cfg.logger.video_fps)
+    # Building the env and the collector draws random numbers (a probe of the policy, say); a resumed run would draw
+    # them again mid-stream, so neither counts: the run's streams continue from the state they had here.
+    streams = capture_rng_state()
+    train_env = agent.make_train_env()
+    restore_env_rng(train_env, state.env_rng)
+    env_rng = EnvRngSnapshot()
+    env_rng.state = state.env_rng if state.env_rng is not None else capture_env_rng(train_env)
+    train_env.append_transform(env_rng)
     collector = Collector(
-        agent.make_train_env(),
+        train_env,
         agent.policy,
         frames_per_batch=batch_steps,
         total_frames=-1,
@@ -67,38 +76,68 @@ def train(cfg: DictConfig) -> float | None:
         # The recurrent state is reset by the env's zero primer (utils.envs.add_recurrent_primer), not InitTracker.
         auto_register_policy_transforms=False,
     )
-    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
+    restore_rng_state(streams)
+    stop_signals = StopSignals().install()
     progress = tqdm(total=cfg.collector.total_frames, initial=state.frames, unit="frame", dynamic_ncols=True)
     clock = _RateClock(state)
+
+    def checkpoint(name: str) -> None:
+        state.env_rng = env_rng.state
+        save_run_checkpoint(run_dir / CHECKPOINT_DIR / name, cfg, agent, state, replay, recorder)
+
+    def finish_phase() -> None:
+        """What is due after collecting: the owed updates, then an evaluation and a checkpoint when due."""
+        _run_due_updates(cfg, agent, replay, state, logger, clock, batch_steps)
+        if state.frames >= state.next_eval and _evaluate(cfg, agent, state, logger):
+            checkpoint(BEST)
+        if state.frames >= state.next_checkpoint:
+            state.next_checkpoint += cfg.checkpoint_every
+            checkpoint(LAST)
+
     try:
+        # A run resumed in the middle of a phase first finishes it, with the data and weights it had.
+        finish_phase()
         for batch in collector:
             _record_batch(batch, replay, recorder, state, repeat)
-            _run_due_updates(cfg, agent, replay, state, logger, clock, batch_steps)
-            if state.frames >= state.next_eval and _evaluate(cfg, agent, state, logger):
-                save_run_checkpoint(run_dir / CHECKPOINT_DIR / BEST, cfg, agent, state, replay, recorder)
-            if state.frames >= state.next_checkpoint:
-                state.next_checkpoint += cfg.checkpoint_every
-                save_run_checkpoint(run_dir / CHECKPOINT_DIR / LAST, cfg, agent, state, replay, recorder)
+            finish_phase()
             progress.update(state.frames - progress.n)
             progress.set_postfix(clock.postfix(state), refresh=False)
             if state.frames >= cfg.collector.total_frames:
                 break
-    except (KeyboardInterrupt, _Stop):
+    except (KeyboardInterrupt, StopRequested):
         progress.write(
             f"Interrupted at {state.frames} frames; saving {run_dir / CHECKPOINT_DIR / LAST}", file=sys.stderr
         )
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        stop_signals.stop_raising()
         collector.shutdown()
         progress.close()
-    save_run_checkpoint(run_dir / CHECKPOINT_DIR / LAST, cfg, agent, state, replay, recorder)
+    checkpoint(LAST)
+    replay.shutdown()
     logger.close()
+    stop_signals.restore_and_forward()
     return state.last_eval_return
+
+
+def _make_replay(cfg: DictConfig, device: torch.device, replay_dir: Path) -> TensorDictReplayBuffer:
+    """The run's sequence replay: ``replay_buffer.prefetch`` batches sampled ahead (device default when null),
+    pinned for a non-blocking copy when training on CUDA, sampled with a generator seeded by ``env.seed``."""
+    buffer_cfg = cfg.replay_buffer
+    return make_replay_buffer(
+        buffer_cfg.buffer_size,
+        buffer_cfg.batch_length,
+        buffer_cfg.storage,
+        replay_dir,
+        batch_size=buffer_cfg.batch_size,
+        prefetch=resolve_prefetch(buffer_cfg.prefetch, device),
+        pin_memory=device.type == "cuda",
+        seed=cfg.env.seed,
+    )
 
 
 def _record_batch(batch, replay, recorder: StepRecorder, state: RunState, repeat: int) -> None:
     """Stores a collector batch ``[E, T]`` or ``[T]`` as steps and updates the frame and episode counters."""
-    replay.extend(recorder.convert(batch))
+    add_steps(replay, recorder.convert(batch))
     state.agent_steps += batch.numel()
     state.frames = state.agent_steps * repeat
     finished = batch["next", "done"].reshape(-1)
@@ -111,19 +150,51 @@ def _record_batch(batch, replay, recorder: StepRecorder, state: RunState, repeat
 def _run_due_updates(
     cfg: DictConfig, agent: Agent, replay, state: RunState, logger: RunLogger, clock: _RateClock, batch_steps: int
 ) -> None:
-    """Runs the updates the schedule owes: ``train_steps`` per ``frames_per_batch`` frames after the prefill."""
+    """Runs the updates the schedule owes: ``train_steps`` per ``frames_per_batch`` frames after the prefill.
+
+    While no stored episode has ``replay_buffer.batch_length`` steps (a terminating env's first episodes) nothing
+    can be sampled: the owed updates wait, with one warning, and are made once a long enough episode is stored.
+    """
     trained_frames = state.frames - cfg.collector.init_random_frames
     if trained_frames < 0:
         return
     due = (trained_frames // cfg.collector.frames_per_batch + 1) * cfg.optimization.train_steps
     window: list[dict[str, torch.Tensor]] = []
     while state.updates < due:
-        batch = sample_sequences(replay, cfg.replay_buffer.batch_size, cfg.replay_buffer.batch_length)
-        window.append(agent.update.step(batch.to(agent.device)))
+        with _undone_if_interrupted(replay):
+            batch = sample_sequences(replay, cfg.replay_buffer.batch_size, cfg.replay_buffer.batch_length)
+            metrics = None if batch is None else agent.update.step(batch.to(agent.device, non_blocking=True))
+        if batch is None:
+            warnings.warn(
+                f"No stored episode has replay_buffer.batch_length={cfg.replay_buffer.batch_length} steps yet; "
+                "the owed updates wait until one has (lower batch_length for shorter episodes).",
+                stacklevel=2,
+            )
+            return
+        window.append(metrics)
         state.updates += 1
         if state.updates % cfg.logger.log_every == 0:
             logger.log(_train_row(cfg, window, state, clock), step=state.frames)
             window = []
+
+
+@contextlib.contextmanager
+def _undone_if_interrupted(replay: TensorDictReplayBuffer) -> Iterator[None]:
+    """An update interrupted (Ctrl-C, SIGTERM) after it drew its batch puts back the random streams it used, so the
+    checkpoint written next holds the state after the last *completed* update and a resumed run draws the same batch
+    and noise again: torch's global generator and, when nothing is prefetched, the replay sampler's generator
+    (TorchRL keeps it as ``_rng``; prefetched batches are saved with the buffer instead).
+    """
+    torch_state = torch.get_rng_state()
+    sampler = getattr(replay, "_rng", None) if not getattr(replay, "_prefetch_cap", 0) else None
+    sampler_state = None if sampler is None else sampler.get_state()
+    try:
+        yield
+    except BaseException:
+        torch.set_rng_state(torch_state)
+        if sampler is not None:
+            sampler.set_state(sampler_state)
+        raise
 
 
 def _train_row(cfg: DictConfig, window: list[dict[str, torch.Tensor]], state: RunState, clock: _RateClock) -> dict:
@@ -144,16 +215,21 @@ def _train_row(cfg: DictConfig, window: list[dict[str, torch.Tensor]], state: Ru
 
 
 def _evaluate(cfg: DictConfig, agent: Agent, state: RunState, logger: RunLogger) -> bool:
-    """Deterministic-policy episodes; logs ``eval/return`` (and videos). True when the return is a new best."""
+    """Deterministic-policy episodes; logs ``eval/return`` (and videos). True when the return is a new best.
+
+    The episodes and videos draw from RNGs seeded by ``env.seed`` and the evaluation's index, and training's RNG
+    states are put back afterwards: an evaluation does not change the training run's random stream.
+    """
+    index = state.next_eval // cfg.logger.eval_every
     state.next_eval += cfg.logger.eval_every
-    with set_exploration_type(ExplorationType.DETERMINISTIC):
+    with isolated_rng(evaluation_seed(cfg.env.seed, index)), set_exploration_type(ExplorationType.DETERMINISTIC):
         episodes = evaluate_policy(agent, cfg.logger.eval_episodes, seed_offset=EVAL_SEED_OFFSET + state.episodes)
+        if cfg.logger.video and agent.from_pixels:
+            log_eval_videos(agent, episodes[0], logger, step=state.frames)
     state.last_eval_return = sum(e.episode_return for e in episodes) / len(episodes)
     logger.log(
         {"frames": state.frames, "updates": state.updates, "eval/return": state.last_eval_return}, step=state.frames
     )
-    if cfg.logger.video and agent.from_pixels:
-        log_eval_videos(agent, episodes[0], logger, step=state.frames)
     if state.best_eval_return is not None and state.last_eval_return <= state.best_eval_return:
         return False
     state.best_eval_return = state.last_eval_return
