@@ -209,10 +209,11 @@ def draws(buffer: TensorDictReplayBuffer, count: int, batch_size: int = 16, batc
     return [sample_sequences(buffer, batch_size, batch_length) for _ in range(count)]
 
 
-@pytest.mark.parametrize("prefetch", [1, 3])
-def test_prefetching_draws_the_same_valid_sequences_as_sampling_on_demand(prefetch: int) -> None:
-    """The buffer's own generator draws the sequences: a prefetching buffer returns exactly the batches, in the same
-    order, that sampling on demand returns, so they never cross an episode and keep the same distribution."""
+def test_prefetching_draws_the_same_valid_sequences_as_sampling_on_demand() -> None:
+    """The buffer's own generator draws the sequences: a buffer prefetching one batch returns exactly the batches, in
+    the same order, that sampling on demand returns, so they never cross an episode and keep the same distribution.
+    (With more than one, TorchRL's threads take turns at the generator in no fixed order: not reproducible.)"""
+    prefetch = 1
     on_demand = filled_buffer(LENGTHS, capacity=1000, batch_len=5, batch_length=6, batch_size=16, seed=3)
     ahead = filled_buffer(LENGTHS, capacity=1000, batch_len=5, batch_length=6, batch_size=16, seed=3, prefetch=prefetch)
     expected, got = draws(on_demand, 10), draws(ahead, 10)
@@ -252,7 +253,7 @@ def test_a_prefetching_buffer_resumes_with_the_batches_it_would_have_drawn(tmp_p
     replay_dir = tmp_path / "replay"
     recorder = StepRecorder("observation", num_envs=1)
     options = dict(storage="memmap", replay_dir=replay_dir, batch_size=16, seed=1)
-    buffer = make_replay_buffer(1000, batch_length=6, prefetch=2, **options)
+    buffer = make_replay_buffer(1000, batch_length=6, prefetch=1, **options)
     for batch in to_batches([scripted_stream(LENGTHS, env_id=0)], batch_len=5):
         add_steps(buffer, recorder.convert(batch[0]))
     draws(buffer, 3)
@@ -260,12 +261,12 @@ def test_a_prefetching_buffer_resumes_with_the_batches_it_would_have_drawn(tmp_p
     uninterrupted = draws(buffer, 4)
     buffer.shutdown()
 
-    reopened = make_replay_buffer(1000, batch_length=6, prefetch=2, **options)
+    reopened = make_replay_buffer(1000, batch_length=6, prefetch=1, **options)
     load_replay(reopened, replay_dir)
     for index, (want, have) in enumerate(zip(uninterrupted, draws(reopened, 4), strict=True)):
         assert torch.equal(have["observation"], want["observation"]), f"batch {index} after the resume differs"
     reopened.shutdown()
-    for prefetch in (0, 1):
+    for prefetch in (0, 2):
         other = make_replay_buffer(1000, batch_length=6, prefetch=prefetch, **options)
         load_replay(other, replay_dir)
         assert len(other) == len(buffer)

@@ -124,7 +124,7 @@ def _steps_since_last_start(starts: torch.Tensor, carried: torch.Tensor) -> torc
 
 
 SAMPLER_SEED_OFFSET = 20_000
-PREFETCH_DEFAULTS = {"cpu": 0, "cuda": 2}
+PREFETCH_DEFAULTS = {"cpu": 0, "cuda": 1}
 PREFETCH_FILE = "prefetch.pkl"
 
 
@@ -132,8 +132,10 @@ def resolve_prefetch(value: object, device: torch.device) -> int:
     """``replay_buffer.prefetch``: ``null`` = the device's default (:data:`PREFETCH_DEFAULTS`), else batches >= 0.
 
     On a CPU the background sampling thread competes with the update for the same cores and sampling is about 1%
-    of an update (``benchmarks/throughput.py``), so nothing is prefetched by default; on CUDA two batches are
-    sampled and pinned while the GPU computes.
+    of an update (``benchmarks/throughput.py``), so nothing is prefetched by default; on CUDA one batch is sampled
+    and pinned while the GPU computes. TorchRL runs one sampling thread per prefetched batch: with more than one,
+    the threads draw from the sampler's generator in whatever order they get to it, so the batches (and the run)
+    are no longer reproducible.
     """
     if value is None:
         return PREFETCH_DEFAULTS.get(device.type, 0)
