@@ -81,17 +81,17 @@ def wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             yield record
 
 
-def wandb_segment(offline_run: Path) -> tuple[set[str], list[int]]:
-    """The run ids and the logged ``frames`` values of one offline wandb run directory."""
-    ids, frames = set(), []
+def wandb_segment(offline_run: Path) -> tuple[set[str], list[tuple[int, int, bool]]]:
+    """The run ids and the logged rows ``(frames, updates, is evaluation)`` of one offline wandb run directory."""
+    ids, counters = set(), []
     for record in wandb_records(next(offline_run.glob("run-*.wandb"))):
         if record.WhichOneof("record_type") == "run":
             ids.add(record.run.run_id)
         elif record.WhichOneof("record_type") == "history":
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             if "frames" in items:
-                frames.append(items["frames"])
-    return ids, frames
+                counters.append((items["frames"], items["updates"], "eval/return" in items))
+    return ids, counters
 
 
 def test_sigterm_then_the_same_command_line_continues_the_run_and_its_dashboard_run(tmp_path: Path) -> None:
@@ -133,10 +133,14 @@ def test_sigterm_then_the_same_command_line_continues_the_run_and_its_dashboard_
     # One dashboard run: both offline segments carry the checkpoint's run id, and their steps continue.
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2
-    (first_ids, first_frames), (second_ids, second_frames) = map(wandb_segment, offline_runs)
+    (first_ids, first_rows), (second_ids, second_rows) = map(wandb_segment, offline_runs)
     assert first_ids == second_ids == {final["run_id"]}
     assert all(name.name.endswith(final["run_id"]) for name in offline_runs)
-    assert max(first_frames) <= frames < min(second_frames) and max(second_frames) == TOTAL_FRAMES
+    # The second segment may first log the updates the interrupted batch still owed, at the interruption's frame
+    # count, but it never logs a row the first segment logged.
+    assert max(row[0] for row in first_rows) <= frames <= min(row[0] for row in second_rows), (first_rows, second_rows)
+    assert not set(first_rows) & set(second_rows), (first_rows, second_rows)
+    assert max(row[0] for row in second_rows) == TOTAL_FRAMES
 
 
 def submitit_tasks(root: int) -> list[int]:
