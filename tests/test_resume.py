@@ -3,6 +3,7 @@ training run, a resumed invocation's files in its own run directory, and evaluat
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -81,17 +82,16 @@ def wandb_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             yield record
 
 
-def wandb_segment(offline_run: Path) -> tuple[set[str], list[tuple[int, int, bool]]]:
-    """The run ids and the logged rows ``(frames, updates, is evaluation)`` of one offline wandb run directory."""
-    ids, counters = set(), []
+def wandb_segment(offline_run: Path) -> tuple[set[str], dict[str, list[float]]]:
+    """The run ids and, per metric, the logged values of one offline wandb run directory."""
+    ids, history = set(), collections.defaultdict(list)
     for record in wandb_records(next(offline_run.glob("run-*.wandb"))):
         if record.WhichOneof("record_type") == "run":
             ids.add(record.run.run_id)
         elif record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            if "frames" in items:
-                counters.append((items["frames"], items["updates"], "eval/return" in items))
-    return ids, counters
+            for item in record.history.item:
+                history[item.key or "/".join(item.nested_key)].append(json.loads(item.value_json))
+    return ids, history
 
 
 def test_sigterm_then_the_same_command_line_continues_the_run_and_its_dashboard_run(tmp_path: Path) -> None:
@@ -133,14 +133,14 @@ def test_sigterm_then_the_same_command_line_continues_the_run_and_its_dashboard_
     # One dashboard run: both offline segments carry the checkpoint's run id, and their steps continue.
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2
-    (first_ids, first_rows), (second_ids, second_rows) = map(wandb_segment, offline_runs)
+    (first_ids, first), (second_ids, second) = map(wandb_segment, offline_runs)
     assert first_ids == second_ids == {final["run_id"]}
     assert all(name.name.endswith(final["run_id"]) for name in offline_runs)
     # The second segment may first log the updates the interrupted batch still owed, at the interruption's frame
-    # count, but it never logs a row the first segment logged.
-    assert max(row[0] for row in first_rows) <= frames <= min(row[0] for row in second_rows), (first_rows, second_rows)
-    assert not set(first_rows) & set(second_rows), (first_rows, second_rows)
-    assert max(row[0] for row in second_rows) == TOTAL_FRAMES
+    # count, but never a row of the first segment again: no earlier update count and no evaluation twice.
+    assert max(first["frames"]) <= frames <= min(second["frames"]) and max(second["frames"]) == TOTAL_FRAMES
+    assert max(first["updates"]) <= interrupted["counters"]["updates"] <= min(second["updates"])
+    assert not set(first["eval/step"]) & set(second["eval/step"]), (first["eval/step"], second["eval/step"])
 
 
 def submitit_tasks(root: int) -> list[int]:

@@ -2,7 +2,9 @@
 
 While training, SIGTERM (``kill``, ``scancel``) and submitit's preemption/time-limit signal (``SIGUSR2``, or
 ``$SUBMITIT_PREEMPT_SIGNAL``) raise :class:`StopRequested` in the training loop, which then saves
-``checkpoints/last.pt``. Signals that arrive after that are only recorded, so they cannot cut the checkpoint.
+``checkpoints/last.pt``. Inside :meth:`StopSignals.deferred` blocks (storing a collected batch, one update,
+writing a checkpoint) the exception waits until the block ends, so a signal never leaves a unit of work half done.
+Signals that arrive after the first are only recorded, so they cannot cut the checkpoint.
 :meth:`StopSignals.restore_and_forward` then calls, for each signal received, the handler installed before
 training: in a submitit job (SLURM, or submitit's local executor) that is submitit's requeue handler, which calls
 the launcher's ``checkpoint()`` (the same job arguments, ``resume=auto`` among them), requeues the job and exits;
@@ -12,8 +14,10 @@ just returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from types import FrameType
 
 PREEMPT_SIGNAL_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL"
@@ -46,6 +50,19 @@ class StopSignals:
     def stop_raising(self) -> None:
         """From now on signals are only recorded (the run is saving its checkpoint)."""
         self._raising = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A stop signal received inside the block raises :class:`StopRequested` when the block has finished."""
+        raising, self._raising = self._raising, False
+        already_received = len(self.received)
+        try:
+            yield
+        finally:
+            self._raising = raising
+        if raising and len(self.received) > already_received:
+            self._raising = False
+            raise StopRequested(signal.Signals(self.received[already_received]).name)
 
     def restore_and_forward(self) -> None:
         """Puts the previous handlers back, then calls them for each signal received (in order, each once)."""

@@ -83,11 +83,12 @@ def train(cfg: DictConfig) -> float | None:
 
     def checkpoint(name: str) -> None:
         state.env_rng = env_rng.state
-        save_run_checkpoint(run_dir / CHECKPOINT_DIR / name, cfg, agent, state, replay, recorder)
+        with stop_signals.deferred():
+            save_run_checkpoint(run_dir / CHECKPOINT_DIR / name, cfg, agent, state, replay, recorder)
 
     def finish_phase() -> None:
         """What is due after collecting: the owed updates, then an evaluation and a checkpoint when due."""
-        _run_due_updates(cfg, agent, replay, state, logger, clock, batch_steps)
+        _run_due_updates(cfg, agent, replay, state, logger, clock, stop_signals)
         if state.frames >= state.next_eval and _evaluate(cfg, agent, state, logger):
             checkpoint(BEST)
         if state.frames >= state.next_checkpoint:
@@ -98,7 +99,8 @@ def train(cfg: DictConfig) -> float | None:
         # A run resumed in the middle of a phase first finishes it, with the data and weights it had.
         finish_phase()
         for batch in collector:
-            _record_batch(batch, replay, recorder, state, repeat)
+            with stop_signals.deferred():
+                _record_batch(batch, replay, recorder, state, repeat)
             finish_phase()
             progress.update(state.frames - progress.n)
             progress.set_postfix(clock.postfix(state), refresh=False)
@@ -148,7 +150,13 @@ def _record_batch(batch, replay, recorder: StepRecorder, state: RunState, repeat
 
 
 def _run_due_updates(
-    cfg: DictConfig, agent: Agent, replay, state: RunState, logger: RunLogger, clock: _RateClock, batch_steps: int
+    cfg: DictConfig,
+    agent: Agent,
+    replay,
+    state: RunState,
+    logger: RunLogger,
+    clock: _RateClock,
+    stop_signals: StopSignals,
 ) -> None:
     """Runs the updates the schedule owes: ``train_steps`` per ``frames_per_batch`` frames after the prefill.
 
@@ -161,29 +169,29 @@ def _run_due_updates(
     due = (trained_frames // cfg.collector.frames_per_batch + 1) * cfg.optimization.train_steps
     window: list[dict[str, torch.Tensor]] = []
     while state.updates < due:
-        with _undone_if_interrupted(replay):
+        # One update and its log row are not cut by a stop signal (it waits for them); Ctrl-C puts back the RNGs.
+        with stop_signals.deferred(), _undone_if_interrupted(replay):
             batch = sample_sequences(replay, cfg.replay_buffer.batch_size, cfg.replay_buffer.batch_length)
-            metrics = None if batch is None else agent.update.step(batch.to(agent.device, non_blocking=True))
-        if batch is None:
-            warnings.warn(
-                f"No stored episode has replay_buffer.batch_length={cfg.replay_buffer.batch_length} steps yet; "
-                "the owed updates wait until one has (lower batch_length for shorter episodes).",
-                stacklevel=2,
-            )
-            return
-        window.append(metrics)
-        state.updates += 1
-        if state.updates % cfg.logger.log_every == 0:
-            logger.log(_train_row(cfg, window, state, clock), step=state.frames)
-            window = []
+            if batch is None:
+                warnings.warn(
+                    f"No stored episode has replay_buffer.batch_length={cfg.replay_buffer.batch_length} steps yet; "
+                    "the owed updates wait until one has (lower batch_length for shorter episodes).",
+                    stacklevel=2,
+                )
+                return
+            window.append(agent.update.step(batch.to(agent.device, non_blocking=True)))
+            state.updates += 1
+            if state.updates % cfg.logger.log_every == 0:
+                logger.log(_train_row(cfg, window, state, clock), step=state.frames)
+                window = []
 
 
 @contextlib.contextmanager
 def _undone_if_interrupted(replay: TensorDictReplayBuffer) -> Iterator[None]:
-    """An update interrupted (Ctrl-C, SIGTERM) after it drew its batch puts back the random streams it used, so the
-    checkpoint written next holds the state after the last *completed* update and a resumed run draws the same batch
-    and noise again: torch's global generator and, when nothing is prefetched, the replay sampler's generator
-    (TorchRL keeps it as ``_rng``; prefetched batches are saved with the buffer instead).
+    """An update interrupted by Ctrl-C (stop signals wait for it) after it drew its batch puts back the random
+    streams it used, so the checkpoint written next holds the state after the last *completed* update and a resumed
+    run draws the same batch and noise again: torch's global generator and, when nothing is prefetched, the replay
+    sampler's generator (TorchRL keeps it as ``_rng``; prefetched batches are saved with the buffer instead).
     """
     torch_state = torch.get_rng_state()
     sampler = getattr(replay, "_rng", None) if not getattr(replay, "_prefetch_cap", 0) else None
