@@ -52,6 +52,12 @@ CHECKS = {
         target=-400.0,
         random_return=-1200.0,
     ),
+    "pendulum_v3": Check(
+        preset="pendulum_v3",
+        description="DreamerV3, Pendulum-v1 from states, 1m model: mean eval return >= -200 within 30k frames",
+        target=-200.0,
+        random_return=-1200.0,
+    ),
     "dmc_cpu": Check(
         preset="dmc_cpu",
         description="DMC cartpole-balance from pixels, reduced model, 100k frames, against the authors' returns",

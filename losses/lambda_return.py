@@ -46,3 +46,31 @@ def discount_weights(discount: torch.Tensor) -> torch.Tensor:
     """
     shifted = torch.cat([torch.ones_like(discount[:1]), discount[:-2]], dim=0)
     return torch.cumprod(shifted, dim=0).detach()
+
+
+def lambda_return_v3(
+    last: torch.Tensor,
+    terminal: torch.Tensor,
+    reward: torch.Tensor,
+    bootstrap: torch.Tensor,
+    discount: float,
+    lambda_: float,
+) -> torch.Tensor:
+    """DreamerV3's λ-returns (the authors' ``lambda_return``), batch-major: ``[N, L]`` inputs -> ``[N, L-1]``.
+
+    For ``t = L-2 .. 0``, with ``live_t = (1 - terminal_{t+1}) · discount`` and ``c_t = (1 - last_{t+1}) · λ``::
+
+        R_t = reward_{t+1} + live_t · ((1 - c_t) · bootstrap_{t+1} + c_t · R_{t+1}),   R_{L-1} = bootstrap_{L-1}.
+
+    ``reward[t]`` is received on arriving at step ``t``. In imagination ``bootstrap`` is the critic's value,
+    ``terminal = 1 - continue probability``, ``last = 0`` and ``discount = 1`` (the continue head carries the
+    discount): then this is :func:`lambda_return` on the rewards shifted by one step. On replay sequences
+    ``bootstrap`` is the imagined return from each replay state and ``last`` cuts the return at episode ends.
+    """
+    live = (1.0 - terminal[:, 1:]) * discount
+    cont = (1.0 - last[:, 1:]) * lambda_
+    intermediate = reward[:, 1:] + (1.0 - cont) * live * bootstrap[:, 1:]
+    returns = [bootstrap[:, -1]]
+    for t in reversed(range(live.shape[1])):
+        returns.append(intermediate[:, t] + live[:, t] * cont[:, t] * returns[-1])
+    return torch.stack(returns[:0:-1], dim=1)

@@ -127,6 +127,8 @@ class RSSMRollout(nn.Module):
     ``post_std``, ``prior_mean``, ``prior_std``.
     """
 
+    output_keys = ("deter", "stoch", "post_mean", "post_std", "prior_mean", "prior_std")
+
     def __init__(self, prior: RSSMPrior, posterior: RSSMPosterior) -> None:
         super().__init__()
         self.prior = prior
@@ -144,9 +146,7 @@ class RSSMRollout(nn.Module):
         batch, time = embed.shape[:2]
         deter, stoch = self.initial_state(batch, embed)
         keep = 1.0 - is_first.to(torch.float32)
-        outputs: dict[str, list[torch.Tensor]] = {
-            key: [] for key in ("deter", "stoch", "post_mean", "post_std", "prior_mean", "prior_std")
-        }
+        outputs: dict[str, list[torch.Tensor]] = {key: [] for key in self.output_keys}
         for t in range(time):
             mask = keep[:, t]
             deter = self.prior.recurrent_step(deter * mask, stoch * mask, action[:, t] * mask)

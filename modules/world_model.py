@@ -8,7 +8,8 @@ TensorDict runs ``observe``, which writes into it:
 * preprocess: ``obs_key`` (``"pixels"`` uint8 or ``"observation"``) -> ``"obs_float"``
 * encoder: ``"obs_float"`` -> ``"embed"``
 * rollout (``RSSMRollout``): ``"embed"``, ``"action"``, ``"is_first"`` -> ``"deter"``, ``"stoch"``,
-  ``"post_mean"``, ``"post_std"``, ``"prior_mean"``, ``"prior_std"``
+  ``"post_mean"``, ``"post_std"``, ``"prior_mean"``, ``"prior_std"`` (its ``output_keys``; DreamerV3's rollout,
+  ``modules/rssm_v3.py``, writes ``"post_logits"`` and ``"prior_logits"`` instead of the Gaussian parameters)
 * feature: ``"deter"``, ``"stoch"`` -> ``"feature"``
 * decoder: ``"feature"`` -> ``"reconstruction"``
 * reward: ``"feature"`` -> ``"reward_pred"``
@@ -38,7 +39,7 @@ from modules.rssm import RSSMPosterior, RSSMPrior, RSSMRollout, feature
 PIXELS_KEY = "pixels"
 STATE_KEY = "observation"
 OBS_FLOAT_KEY = "obs_float"
-ROLLOUT_KEYS = ("deter", "stoch", "post_mean", "post_std", "prior_mean", "prior_std")
+ROLLOUT_KEYS = RSSMRollout.output_keys
 
 
 class ObservationPreprocessor(nn.Module):
@@ -88,7 +89,7 @@ class WorldModel(TensorDictModuleBase):
         steps = OrderedDict(
             preprocess=TensorDictModule(self.preprocess, [self.obs_key], [OBS_FLOAT_KEY]),
             encoder=TensorDictModule(self.encoder, [OBS_FLOAT_KEY], ["embed"]),
-            rollout=TensorDictModule(self.rssm, ["embed", "action", "is_first"], list(ROLLOUT_KEYS)),
+            rollout=TensorDictModule(self.rssm, ["embed", "action", "is_first"], list(self.rssm.output_keys)),
             feature=TensorDictModule(feature, ["deter", "stoch"], ["feature"]),
             decoder=TensorDictModule(self.decoder, ["feature"], ["reconstruction"]),
             reward=TensorDictModule(self.reward_head, ["feature"], ["reward_pred"]),

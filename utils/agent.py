@@ -17,8 +17,11 @@ from modules.heads import build_value_head
 from modules.init import initialize
 from modules.policy import DreamerPolicy
 from modules.world_model import WorldModel, build_world_model
+from utils.agent_v3 import build_v3_learner
+from utils.config import algorithm
 from utils.envs import add_recurrent_primer, can_terminate, make_env, obs_key
 from utils.update import DreamerUpdate
+from utils.update_v3 import DreamerV3Update
 
 EVAL_SEED_OFFSET = 10_000
 
@@ -63,7 +66,7 @@ class Agent:
     actor: nn.Module
     value: nn.Module
     policy: DreamerPolicy
-    update: DreamerUpdate
+    update: DreamerUpdate | DreamerV3Update
 
     @property
     def obs_key(self) -> str:
@@ -74,8 +77,8 @@ class Agent:
         return bool(self.cfg.env.from_pixels)
 
     def _with_primer(self, env: EnvBase) -> TransformedEnv:
-        model = self.cfg.model
-        env = add_recurrent_primer(env, model.deter_dim, model.stoch_dim, self.info.action_dim)
+        prior = self.world_model.rssm.prior
+        env = add_recurrent_primer(env, prior.deter_dim, prior.stoch_dim, self.info.action_dim)
         env.append_transform(RewardSum())
         return env
 
@@ -96,10 +99,14 @@ class Agent:
 
 
 def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dtype | None) -> Agent:
-    """Every network sized by ``cfg.model`` for the configured environment, on ``device``."""
+    """Every network sized by ``cfg.model`` for the configured environment, on ``device``: Dreamer V1, or
+    DreamerV3 with ``model=dreamer_v3`` (``utils/agent_v3.py``)."""
     info = EnvInfo.probe(cfg.env)
     model, opt = cfg.model, cfg.optimization
     use_continue = can_terminate(cfg.env) if model.continue_head == "auto" else bool(model.continue_head)
+    if algorithm(model) == "dreamer_v3":
+        world_model, actor, value, update = build_v3_learner(cfg, info, use_continue, device, autocast_dtype)
+        return Agent(cfg, device, info, world_model, actor, value, _policy(cfg, info, world_model, actor), update)
     world_model = build_world_model(
         model,
         obs_shape=info.obs_shape,
@@ -144,7 +151,12 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         compile=opt.compile,
         compile_backend=opt.compile_backend,
     )
-    policy = DreamerPolicy(
+    return Agent(cfg, device, info, world_model, actor, value, _policy(cfg, info, world_model, actor), update)
+
+
+def _policy(cfg: DictConfig, info: EnvInfo, world_model: WorldModel, actor: nn.Module) -> DreamerPolicy:
+    """The acting policy on the world model's encoder and RSSM."""
+    return DreamerPolicy(
         world_model.encoder,
         world_model.rssm.prior,
         world_model.rssm.posterior,
@@ -152,4 +164,3 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         observation_key=info.obs_key,
         exploration_noise=cfg.collector.exploration_noise,
     )
-    return Agent(cfg, device, info, world_model, actor, value, policy, update)

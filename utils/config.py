@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from losses.behaviour_v3 import ACTOR_GRADIENTS
 from losses.world_model import FREE_NATS_MODES
 from modules.actor import MODE_ESTIMATES
 from modules.init import INIT_SCHEMES
@@ -116,6 +117,12 @@ def frames_to_agent_steps(frames: int, action_repeat: int, name: str) -> int:
     return frames // action_repeat
 
 
+def algorithm(group: DictConfig) -> str:
+    """``cfg.model.name`` or ``cfg.optimization.name``: ``dreamer_v1`` or ``dreamer_v3`` (configs saved by runs
+    from before DreamerV3 have no name: Dreamer V1)."""
+    return group.get("name", "dreamer_v1")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks the values that are not the environment's (see ``utils.envs.validate_env_config``)."""
     if cfg.mode not in MODES:
@@ -124,11 +131,17 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"Unknown logger.backend {cfg.logger.backend!r}; allowed: {', '.join(LOGGER_BACKENDS)}")
     autocast_dtype(cfg.optimization.autocast)
     resolve_num_threads(cfg.num_threads)
-    choices = {
-        "model.init": (cfg.model.init, INIT_SCHEMES),
-        "optimization.free_nats_mode": (cfg.optimization.free_nats_mode, FREE_NATS_MODES),
-        "eval.actor_mode": (cfg.eval.actor_mode, MODE_ESTIMATES),
-    }
+    model, optimization = algorithm(cfg.model), algorithm(cfg.optimization)
+    v3 = model == "dreamer_v3"
+    if model != optimization:
+        raise ConfigError(f"model={model} needs optimization={model} (got optimization={optimization})")
+    choices = {"eval.actor_mode": (cfg.eval.actor_mode, MODE_ESTIMATES)}
+    if v3:
+        choices["optimization.actor_grad"] = (cfg.optimization.actor_grad, ACTOR_GRADIENTS)
+        choices["model.size"] = (cfg.model.size, tuple(cfg.model.sizes))
+    else:
+        choices["model.init"] = (cfg.model.init, INIT_SCHEMES)
+        choices["optimization.free_nats_mode"] = (cfg.optimization.free_nats_mode, FREE_NATS_MODES)
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"Unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -137,18 +150,51 @@ def validate_config(cfg: DictConfig) -> None:
         "replay_buffer.batch_length": cfg.replay_buffer.batch_length,
         "optimization.imagination_horizon": cfg.optimization.imagination_horizon,
         "collector.frames_per_batch": cfg.collector.frames_per_batch,
-        "optimization.train_steps": cfg.optimization.train_steps,
     }
+    if not v3:
+        positive["optimization.train_steps"] = cfg.optimization.train_steps
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
-    kl_balance = cfg.optimization.kl_balance
-    if kl_balance is not None and not (isinstance(kl_balance, (int, float)) and 0 <= kl_balance <= 1):
-        raise ConfigError(f"optimization.kl_balance={kl_balance!r} must be null (Dreamer V1) or a number in [0, 1]")
+    if v3:
+        _validate_v3(cfg)
+    else:
+        kl_balance = cfg.optimization.kl_balance
+        if kl_balance is not None and not (isinstance(kl_balance, (int, float)) and 0 <= kl_balance <= 1):
+            raise ConfigError(f"optimization.kl_balance={kl_balance!r} must be null (Dreamer V1) or a number in [0, 1]")
     if cfg.optimization.imagination_horizon < 2:
         raise ConfigError(
             f"optimization.imagination_horizon={cfg.optimization.imagination_horizon} must be at least 2 "
             "(lambda-returns need one bootstrap step)"
+        )
+
+
+# DreamerV3 settings of the authors' code that have one implementation here: key -> the supported value.
+V3_FIXED_SETTINGS = {
+    "model.bin_range": 20,  # TorchRL's two-hot support is fixed at symexp(linspace(-20, 20))
+    "model.latent_outscale": 1.0,
+    "model.decoder_outscale": 1.0,
+    "model.norm": "rms",
+    "model.act": "silu",
+    "optimization.contdisc": True,
+    "optimization.slow_target": False,
+    "optimization.reward_grad": True,
+    "optimization.repval_grad": True,
+}
+
+
+def _validate_v3(cfg: DictConfig) -> None:
+    """DreamerV3's own checks: the settings implemented here, a positive train ratio, GRU blocks that divide."""
+    for key, supported in V3_FIXED_SETTINGS.items():
+        group, name = key.split(".")
+        if cfg[group][name] != supported:
+            raise ConfigError(f"{key}={cfg[group][name]!r} is not supported for DreamerV3; allowed: {supported!r}")
+    ratio = cfg.optimization.train_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise ConfigError(f"optimization.train_ratio={ratio!r} must be a positive number (replayed steps per step)")
+    if cfg.model.deter_dim % cfg.model.blocks:
+        raise ConfigError(
+            f"model.deter_dim={cfg.model.deter_dim} must be a multiple of model.blocks={cfg.model.blocks}"
         )
 
 

@@ -149,6 +149,23 @@ def _record_batch(batch, replay, recorder: StepRecorder, state: RunState, repeat
         state.last_train_return = float(returns[-1])
 
 
+def updates_due(cfg: DictConfig, state: RunState) -> int:
+    """How many updates the schedule owes by ``state.frames`` (0 during the prefill).
+
+    Dreamer V1 (``optimization.train_steps``): ``train_steps`` at the start of every ``frames_per_batch`` frames
+    after the prefill. DreamerV3 (``optimization.train_ratio``, the authors' replayed steps per policy step):
+    ``floor(trained policy steps x train_ratio / (batch_size x batch_length))``.
+    """
+    trained_frames = state.frames - cfg.collector.init_random_frames
+    if trained_frames < 0:
+        return 0
+    if "train_ratio" in cfg.optimization:
+        replayed_per_update = cfg.replay_buffer.batch_size * cfg.replay_buffer.batch_length
+        policy_steps = trained_frames // cfg.env.action_repeat
+        return int(policy_steps * cfg.optimization.train_ratio // replayed_per_update)
+    return (trained_frames // cfg.collector.frames_per_batch + 1) * cfg.optimization.train_steps
+
+
 def _run_due_updates(
     cfg: DictConfig,
     agent: Agent,
@@ -158,15 +175,12 @@ def _run_due_updates(
     clock: _RateClock,
     stop_signals: StopSignals,
 ) -> None:
-    """Runs the updates the schedule owes: ``train_steps`` per ``frames_per_batch`` frames after the prefill.
+    """Runs the updates the schedule owes (:func:`updates_due`).
 
     While no stored episode has ``replay_buffer.batch_length`` steps (a terminating env's first episodes) nothing
     can be sampled: the owed updates wait, with one warning, and are made once a long enough episode is stored.
     """
-    trained_frames = state.frames - cfg.collector.init_random_frames
-    if trained_frames < 0:
-        return
-    due = (trained_frames // cfg.collector.frames_per_batch + 1) * cfg.optimization.train_steps
+    due = updates_due(cfg, state)
     window: list[dict[str, torch.Tensor]] = []
     while state.updates < due:
         # One update and its log row are not cut by a stop signal (it waits for them); Ctrl-C puts back the RNGs.
