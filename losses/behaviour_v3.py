@@ -104,7 +104,9 @@ class BehaviourLossV3(nn.Module):
         """Features ``[N, H + 1, F]`` (the start first) and the actions taken in them ``[N, H + 1, A]``.
 
         With ``reinforce`` nothing here is differentiated; with ``dynamics`` the features depend on the sampled
-        actions through the prior, whose parameters are read detached.
+        actions through the prior, whose parameters are read detached. The actor reads detached features either
+        way (the authors' DreamerV1/V2 ``policy(stop_gradient(feat))``, and our V1 ``imagine``): the gradient
+        reaches the actor through its sampled actions only.
         """
         dynamics = self.actor_grad == "dynamics"
         prior = detached_parameters(self.prior) if dynamics else self.prior
@@ -113,7 +115,7 @@ class BehaviourLossV3(nn.Module):
         with torch.set_grad_enabled(dynamics and torch.is_grad_enabled()):
             for step in range(self.horizon + 1):
                 state = feature(deter, stoch)
-                policy = self.actor.distribution(state if dynamics else state.detach())
+                policy = self.actor.distribution(state.detach())
                 action = policy.rsample() if dynamics else policy.sample()
                 features.append(state)
                 actions.append(action)

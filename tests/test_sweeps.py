@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import pickle
 import shutil
@@ -19,8 +20,12 @@ from matplotlib.image import imread
 from tests.cli import ROOT, run_dreamer
 from utils.config import compose_config
 from utils.results import (
+    DEFAULT_REFERENCE,
+    DEFAULT_V3_REFERENCE,
+    ResultsError,
     Run,
     config_differences,
+    default_reference,
     eval_points,
     frames_label,
     load_reference,
@@ -264,6 +269,26 @@ def test_reference_file_and_task_names(tmp_path: Path) -> None:
     assert reference_key({"backend": "dm_control", "name": "ball_in_cup", "task": "catch"}) == "cup_catch"
     assert reference_key({"backend": "gymnasium", "name": "Pendulum-v1", "task": None}) is None
     assert [frames_label(count) for count in (400, 100_000, 1_000_000, 1_500)] == ["400", "100k", "1M", "1500"]
+
+
+def test_dreamer_v3_reference_rows_are_picked_by_observation_kind(tmp_path: Path) -> None:
+    path = tmp_path / "reference.csv"
+    path.write_text("task,observation,return_at_100k\nwalker_walk,proprio,461\nwalker_walk,vision,300\n")
+    assert load_reference(path, "proprio") == {"walker_walk": {100_000: 461.0}}
+    assert load_reference(path, "vision") == {"walker_walk": {100_000: 300.0}}
+    with pytest.raises(ResultsError, match="needs an observation kind"):
+        load_reference(path)
+
+
+def test_dreamer_v3_runs_default_to_the_authors_v3_scores_of_their_observation_kind() -> None:
+    def run(config: dict) -> Run:
+        return dataclasses.replace(make_run(0, [100], [1.0], 100), config=config)
+
+    v3_states = {"model.name": "dreamer_v3", "env.from_pixels": False}
+    assert default_reference({"a": [run(v3_states)]}) == (DEFAULT_V3_REFERENCE, "proprio")
+    assert default_reference({"a": [run({**v3_states, "env.from_pixels": True})]}) == (DEFAULT_V3_REFERENCE, "vision")
+    # Runs saved before DreamerV3 have no model.name: Dreamer V1, whose reference has no observation column.
+    assert default_reference({"a": [run({"env.from_pixels": True}), run(v3_states)]})[0] == DEFAULT_REFERENCE
 
 
 def make_run(seed: int, frames: list[int], returns: list[float], last_frame: int) -> Run:

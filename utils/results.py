@@ -39,7 +39,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from utils.config import flatten
 
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dreamer_v1_dmc_scores.csv"
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+DEFAULT_REFERENCE = REFERENCE_DIR / "dreamer_v1_dmc_scores.csv"
+# DreamerV3 runs are compared with the authors' DreamerV3 scores, from states (proprio) or pixels (vision).
+DEFAULT_V3_REFERENCE = REFERENCE_DIR / "dreamer_v3_dmc_scores.csv"
 DEFAULT_FRAMES = (100_000, 500_000, 1_000_000)
 EVAL_RETURN = "eval/return"
 # Config keys (and sections) that may differ between the runs of one task: the seed, where outputs go and how they
@@ -66,7 +69,7 @@ IGNORED_KEYS = (
 )
 # dm_control domains that the reference file names differently.
 REFERENCE_DOMAINS = {"ball_in_cup": "cup"}
-REFERENCE_COLUMN = re.compile(r"return_at_(\d+)([km]?)_frames")
+REFERENCE_COLUMN = re.compile(r"return_at_(\d+)([km]?)(?:_frames)?")
 
 
 class ResultsError(Exception):
@@ -332,12 +335,21 @@ def markdown_table(summary: pd.DataFrame, groups: dict[str, list[Run]], paper_fr
     return "\n".join(lines) + "\n"
 
 
-def load_reference(path: Path) -> dict[str, dict[int, float]]:
-    """Reference task name -> {frames: return} from a CSV with a ``task`` column and ``return_at_<N>[k|m]_frames``."""
+def load_reference(path: Path, observation: str | None = None) -> dict[str, dict[int, float]]:
+    """Reference task name -> {frames: return} from a CSV with a ``task`` column and ``return_at_<N>[k|m]_frames``.
+
+    A CSV with an ``observation`` column (DreamerV3's: ``proprio``, ``vision``) holds one row per task and
+    observation; ``observation`` picks the rows.
+    """
     try:
         table = pd.read_csv(path)
     except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError) as error:
         raise ResultsError(f"cannot read reference {path}: {str(error).strip().splitlines()[0]}") from error
+    if "observation" in table:
+        kinds = sorted(set(table["observation"]))
+        if observation not in kinds:
+            raise ResultsError(f"reference {path} needs an observation kind ({', '.join(kinds)}), got {observation!r}")
+        table = table[table["observation"] == observation]
     scale = {"": 1, "k": 1000, "m": 1_000_000}
     columns = {}
     for column in table.columns:
@@ -345,7 +357,7 @@ def load_reference(path: Path) -> dict[str, dict[int, float]]:
         if match:
             columns[column] = int(match.group(1)) * scale[match.group(2)]
     if "task" not in table or not columns:
-        raise ResultsError(f"reference {path} needs a 'task' column and return_at_<N>[k|m]_frames columns")
+        raise ResultsError(f"reference {path} needs a 'task' column and return_at_<N>[k|m][_frames] columns")
     return {
         str(row["task"]): {frames: float(row[column]) for column, frames in columns.items() if pd.notna(row[column])}
         for _, row in table.iterrows()
@@ -391,9 +403,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or run directories) to search")
     parser.add_argument("--frames", nargs="+", type=int, default=list(DEFAULT_FRAMES), help="frame counts of the table")
     parser.add_argument("--out", type=Path, help="output directory (default: <first dir>/results)")
-    parser.add_argument("--reference", type=Path, help=f"reference scores CSV (default: {DEFAULT_REFERENCE})")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help=f"reference scores CSV (default: {DEFAULT_REFERENCE}, or {DEFAULT_V3_REFERENCE} for DreamerV3 runs)",
+    )
     parser.add_argument("--allow-mismatch", action="store_true", help="pool runs of a task whose configs differ")
     return parser.parse_args(argv)
+
+
+def default_reference(groups: dict[str, list[Run]]) -> tuple[Path, str]:
+    """The authors' scores to compare with: DreamerV3's when every run is DreamerV3, else Dreamer V1's; and the
+    observation kind of the runs (``vision`` from pixels, else ``proprio``)."""
+    runs = [run for task_runs in groups.values() for run in task_runs]
+    v3 = all(run.config.get("model.name") == "dreamer_v3" for run in runs)
+    observation = "vision" if all(run.config.get("env.from_pixels", True) for run in runs) else "proprio"
+    return (DEFAULT_V3_REFERENCE if v3 else DEFAULT_REFERENCE), observation
 
 
 def report(args: argparse.Namespace) -> tuple[str, list[str], Path]:
@@ -404,13 +429,14 @@ def report(args: argparse.Namespace) -> tuple[str, list[str], Path]:
     groups = collect_runs(args.dirs)
     warnings = check_configs(groups, args.allow_mismatch)
     warnings += seed_warnings(groups) + frame_warnings(groups, frames)
+    default, observation = default_reference(groups)
     if args.reference is not None:
-        reference = load_reference(args.reference)
-    elif DEFAULT_REFERENCE.is_file():
-        reference = load_reference(DEFAULT_REFERENCE)
+        reference = load_reference(args.reference, observation)
+    elif default.is_file():
+        reference = load_reference(default, observation)
     else:
         reference = {}
-        warnings.append(f"no reference scores at {DEFAULT_REFERENCE} (pass --reference): no paper values")
+        warnings.append(f"no reference scores at {default} (pass --reference): no paper values")
     paper_frames = {count for values in reference.values() for count in values}
 
     out = args.out if args.out is not None else args.dirs[0] / "results"
