@@ -81,16 +81,23 @@ class RSSMRolloutV3(nn.Module):
         deter = embed.new_zeros(batch, self.prior.deter_dim, dtype=torch.float32)
         stoch = embed.new_zeros(batch, self.prior.stoch_dim, dtype=torch.float32)
         keep = 1.0 - is_first.to(torch.float32)
-        outputs: dict[str, list[torch.Tensor]] = {key: [] for key in self.output_keys}
+        deters, stochs, post_logits = [], [], []
         for t in range(time):
             mask = keep[:, t]
             deter = self.prior.recurrent_step(deter * mask, stoch * mask, action[:, t] * mask)
-            prior_logits = self.prior.core.rnn_to_prior_projector(deter)
-            post_logits, _, stoch = self.posterior(deter, embed[:, t])
-            prior_logits = prior_logits.view(post_logits.shape)
-            for key, value in zip(outputs, (deter, stoch, post_logits, prior_logits), strict=True):
-                outputs[key].append(value)
-        return {key: torch.stack(values, dim=1) for key, values in outputs.items()}
+            logits, _, stoch = self.posterior(deter, embed[:, t])
+            for values, value in zip((deters, stochs, post_logits), (deter, stoch, logits), strict=True):
+                values.append(value)
+        deter_sequence = torch.stack(deters, dim=1)
+        post_sequence = torch.stack(post_logits, dim=1)
+        # The prior's logits feed only the KL, not the recurrence: one batched pass over all B * T states.
+        prior_sequence = self.prior.core.rnn_to_prior_projector(deter_sequence).view(post_sequence.shape)
+        return dict(
+            deter=deter_sequence,
+            stoch=torch.stack(stochs, dim=1),
+            post_logits=post_sequence,
+            prior_logits=prior_sequence,
+        )
 
 
 def build_rssm_v3(model_cfg, action_dim: int, embed_dim: int) -> RSSMRolloutV3:
