@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.cli import run_dreamer
 from utils.config import (
@@ -18,6 +19,7 @@ from utils.config import (
     resolve_autocast,
     resolve_device,
     resolve_num_threads,
+    restore_config,
 )
 
 
@@ -58,6 +60,7 @@ def test_overrides_and_the_debug_preset() -> None:
         ("dmc", "dm_control", "cartpole"),
         ("car_racing", "gymnasium", "CarRacing-v3"),
         ("pendulum", "gymnasium", "Pendulum-v1"),
+        ("atari", "atari", "boxing"),
     ],
 )
 def test_the_debug_preset_composes_with_any_env(env: str, backend: str, name: str) -> None:
@@ -79,7 +82,7 @@ def test_the_debug_preset_composes_with_any_env(env: str, backend: str, name: st
     [
         ("env.name=nope", "Unknown dm_control domain 'nope'"),
         ("env.task=fly", "'fly'"),
-        ("env.backend=atari", "Unknown env backend 'atari'"),
+        ("env.backend=mujoco", "Unknown env backend 'mujoco'"),
         ("logger.backend=mlflow", "Unknown logger.backend 'mlflow'; allowed: wandb, tensorboard, csv, none"),
         ("optimization.autocast=int8", "Unknown optimization.autocast 'int8'"),
         ("replay_buffer.batch_size=0", "replay_buffer.batch_size=0 must be a positive integer"),
@@ -87,6 +90,7 @@ def test_the_debug_preset_composes_with_any_env(env: str, backend: str, name: st
         ("optimization.kl_balance=1.5", "optimization.kl_balance=1.5 must be null (Dreamer V1) or a number in [0, 1]"),
         ("model.init=he", "Unknown model.init 'he'; allowed: keras, torch"),
         ("optimization.free_nats_mode=episode", "Unknown optimization.free_nats_mode 'episode'; allowed: batch, step"),
+        ("optimization.reward_transform=clip", "Unknown optimization.reward_transform 'clip'; allowed: none, tanh"),
         ("eval.actor_mode=mean", "Unknown eval.actor_mode 'mean'; allowed: sample_max, tanh_mean"),
         ("num_threads=0", "num_threads=0 must be null (every usable core) or a positive integer"),
     ],
@@ -166,3 +170,14 @@ def test_cli_fails_fast_on_an_unknown_domain() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Unknown dm_control domain 'nope'; available: acrobot" in lines[0]
+
+
+def test_a_resumed_dreamer_v3_run_takes_no_dreamer_v1_defaults() -> None:
+    """``resume=<run dir>`` alone composes V1's groups; the V3 run's config must not gain V1's keys from them."""
+    saved = OmegaConf.to_container(compose_config("experiment=debug_v3", "env=pendulum"))
+    restored = restore_config(compose_config("env=pendulum"), saved, [], ignore=())
+    assert restored.model == saved["model"] and restored.optimization == saved["optimization"]
+    # A V1 run still gains the current defaults of keys added since it was saved.
+    saved_v1 = OmegaConf.to_container(compose_config("experiment=debug", "env=pendulum"))
+    del saved_v1["optimization"]["reward_transform"]
+    assert restore_config(compose_config(), saved_v1, [], ignore=()).optimization.reward_transform == "none"

@@ -13,7 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from losses.behaviour_v3 import ACTOR_GRADIENTS
-from losses.world_model import FREE_NATS_MODES
+from losses.world_model import FREE_NATS_MODES, REWARD_TRANSFORMS
 from modules.actor import MODE_ESTIMATES
 from modules.init import INIT_SCHEMES
 from utils.envs import validate_env_config
@@ -25,7 +25,7 @@ LOGGER_BACKENDS = ("wandb", "tensorboard", "csv", "none")
 MODES = ("train", "eval")
 # Keys that fix the networks' shapes or the data they were trained on: a resume or an evaluation may not change them.
 FROZEN_SECTIONS = ("model",)
-FROZEN_ENV_KEYS = ("backend", "name", "task", "from_pixels", "grayscale", "image_size")
+FROZEN_ENV_KEYS = ("backend", "name", "task", "from_pixels", "grayscale", "image_size", "full_action_space")
 CONFIG_GROUPS = ("env", "model", "optimization", "collector", "replay_buffer", "logger", "eval", "experiment")
 
 
@@ -142,6 +142,7 @@ def validate_config(cfg: DictConfig) -> None:
     else:
         choices["model.init"] = (cfg.model.init, INIT_SCHEMES)
         choices["optimization.free_nats_mode"] = (cfg.optimization.free_nats_mode, FREE_NATS_MODES)
+        choices["optimization.reward_transform"] = (cfg.optimization.reward_transform, tuple(REWARD_TRANSFORMS))
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"Unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -263,8 +264,16 @@ def restore_config(
     current: DictConfig, saved: dict, overrides: list[str], ignore: tuple[str, ...], saved_choices: dict | None = None
 ) -> DictConfig:
     """A saved run's config for this invocation: ``saved``, plus the current defaults of keys added to the code
-    since it was written, plus this invocation's command-line ``overrides`` (see :func:`apply_overrides`)."""
-    merged = OmegaConf.merge(OmegaConf.to_container(current), saved)
+    since it was written, plus this invocation's command-line ``overrides`` (see :func:`apply_overrides`).
+
+    Defaults come only from the same algorithm: a DreamerV3 run resumed by a command that composes Dreamer V1's
+    ``model`` and ``optimization`` groups (``resume=<run dir>`` alone) takes none of V1's keys into its config.
+    """
+    defaults = OmegaConf.to_container(current)
+    for group in ("model", "optimization"):
+        if algorithm(OmegaConf.create(saved.get(group, {}))) != algorithm(current[group]):
+            defaults[group] = {}
+    merged = OmegaConf.merge(defaults, saved)
     return apply_overrides(merged, overrides, ignore, saved_choices)
 
 
