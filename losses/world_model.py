@@ -4,7 +4,9 @@ For a ``[B, T]`` batch, with every term averaged over ``B`` and ``T``:
 
 * observation: ``-log N(x; decoder mean, 1)`` summed over the observation dims (pixels as floats in
   ``[-0.5, 0.5]``), the ``0.5 * log(2 pi)`` constant included;
-* reward: ``-log N(r; reward mean, 1)``;
+* reward: ``-log N(reward_scale * f(r); reward mean, 1)`` with ``f`` the ``reward_transform``: ``none`` (the
+  identity) or ``tanh`` (the authors' ``clip_rewards`` for Atari: ``tanh(r)``, so the model and the behaviour
+  learning see squashed rewards; logged returns stay raw);
 * continue (only with a continue head): ``continue_scale * BCE(logit, 1 - terminated)``;
 * KL: ``kl_scale * free(KL(posterior || prior))``, the KL of diagonal Gaussians summed over the stochastic
   dims, with free nats in one of the two published forms (``free_nats_mode``):
@@ -38,6 +40,7 @@ from modules.world_model import OBS_FLOAT_KEY, WorldModel
 
 HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 FREE_NATS_MODES = ("batch", "step")
+REWARD_TRANSFORMS = {"none": lambda reward: reward, "tanh": torch.tanh}
 
 
 def unit_gaussian_nll(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,12 +95,16 @@ class WorldModelLoss(LossModule):
         reward_scale: float = 1.0,
         kl_balance: float | None = None,
         free_nats_mode: str = "batch",
+        reward_transform: str = "none",
     ) -> None:
         super().__init__()
         if kl_balance is not None and not 0.0 <= kl_balance <= 1.0:
             raise ValueError(f"kl_balance={kl_balance} must be null or in [0, 1]")
         if free_nats_mode not in FREE_NATS_MODES:
             raise ValueError(f"free_nats_mode={free_nats_mode!r}; allowed: {', '.join(FREE_NATS_MODES)}")
+        if reward_transform not in REWARD_TRANSFORMS:
+            raise ValueError(f"reward_transform={reward_transform!r}; allowed: {', '.join(REWARD_TRANSFORMS)}")
+        self.reward_transform = REWARD_TRANSFORMS[reward_transform]
         self.free_nats_mode = free_nats_mode
         self.kl_balance = kl_balance
         self.world_model = world_model
@@ -122,7 +129,7 @@ class WorldModelLoss(LossModule):
             return tensordict.get(key).float()
 
         observation = sum_event_mean_batch_time(unit_gaussian_nll(get("reconstruction"), get(OBS_FLOAT_KEY)))
-        reward_target = self.reward_scale * get(self.tensor_keys.reward)
+        reward_target = self.reward_scale * self.reward_transform(get(self.tensor_keys.reward))
         reward = sum_event_mean_batch_time(unit_gaussian_nll(get("reward_pred"), reward_target))
         posterior, prior = (get("post_mean"), get("post_std")), (get("prior_mean"), get("prior_std"))
         kl_elements = diagonal_gaussian_kl(*posterior, *prior)

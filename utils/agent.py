@@ -126,6 +126,7 @@ def build_agent(cfg: DictConfig, device: torch.device, autocast_dtype: torch.dty
         reward_scale=opt.reward_scale,
         kl_balance=opt.kl_balance,
         free_nats_mode=opt.free_nats_mode,
+        reward_transform=opt.reward_transform,
     )
     actor_loss = ActorLoss(
         world_model.rssm.prior,

@@ -4,7 +4,9 @@ Without this a resumed run rebuilds its environment seeded with ``env.seed`` and
 same states as the run's first ones. The state is kept as tensors and plain containers (checkpoints are read with
 ``weights_only=True``):
 
-* Gymnasium: the unwrapped env's ``np_random`` (a NumPy ``Generator``): its bit generator's state dict;
+* Gymnasium: the unwrapped env's ``np_random`` (a NumPy ``Generator``): its bit generator's state dict; for Atari
+  also ALE's own generator (sticky actions), saved inside ALE's serialised system state (uint8 tensor): restoring it
+  also puts back the emulator, which the collector's reset then restarts;
 * dm_control: the task's ``random`` (a NumPy ``RandomState``), which draws every episode's initial state.
 
 A collector resets an environment as soon as its episode ends, which already draws the next episode's start: the
@@ -24,6 +26,8 @@ from tensordict import TensorDictBase
 from torchrl.envs import EnvBase, GymWrapper, Transform, TransformedEnv
 from torchrl.envs.batched_envs import BatchedEnvBase
 
+from utils.atari import import_ale
+
 
 def _library_env(env: EnvBase) -> Any | None:
     """The Gymnasium or dm_control environment under TorchRL's transforms and wrapper (``None``: a ``ParallelEnv``)."""
@@ -37,7 +41,11 @@ def capture_env_rng(env: EnvBase) -> dict[str, Any] | None:
     if library_env is None:
         return None
     if isinstance(env_base(env), GymWrapper):
-        return {"gymnasium": library_env.unwrapped.np_random.bit_generator.state}
+        state = {"gymnasium": library_env.unwrapped.np_random.bit_generator.state}
+        ale = getattr(library_env.unwrapped, "ale", None)
+        if ale is not None:
+            state["ale"] = torch.frombuffer(bytearray(ale.cloneState(include_rng=True).serialize()), dtype=torch.uint8)
+        return state
     _, keys, position, has_gauss, cached_gaussian = library_env.task.random.get_state()
     return {
         "dm_control": {
@@ -56,6 +64,8 @@ def restore_env_rng(env: EnvBase, state: dict[str, Any] | None) -> None:
         return
     if "gymnasium" in state:
         library_env.unwrapped.np_random.bit_generator.state = state["gymnasium"]
+        if "ale" in state:
+            library_env.unwrapped.ale.restoreState(import_ale().ALEState(state["ale"].numpy().tobytes()))
         return
     saved = state["dm_control"]
     keys = saved["keys"].numpy().astype(np.uint32)

@@ -4,13 +4,17 @@ Every environment comes out with the same interface, whatever the backend:
 
 - observation: ``"pixels"`` uint8 [C, H, W] (channels first; C = 3, or 1 with grayscale; H = W = image_size) for pixel
   environments, or ``"observation"`` float32 [O] for state environments (see :func:`obs_key`);
-- ``"action"`` float32 [A] in [-1, 1] (native bounds such as Pendulum's [-2, 2] are mapped by ``ActionScaling``);
+- ``"action"`` float32 [A] in [-1, 1] (native bounds such as Pendulum's [-2, 2] are mapped by ``ActionScaling``), or
+  for discrete actions (Atari) a float32 one-hot [A] (``OneHot`` spec);
 - ``"reward"`` float32 [1], the sum of the rewards over the ``action_repeat`` environment frames of one agent step;
 - ``"done"``, ``"terminated"``, ``"truncated"`` bool [1] and ``"step_count"`` int64 [1] (agent steps since the reset);
   an episode is truncated after ``max_episode_frames // action_repeat`` agent steps.
 
 With ``num_envs > 1`` the copies run in a ``ParallelEnv`` (batch size [num_envs]); copy i is seeded with
 ``seed + seed_offset + i``, so eval environments should use a ``seed_offset`` of at least ``num_envs``.
+
+Atari games (``backend: atari``) come from ``utils/atari.py``: the ALE screen, max-pooled over the last two frames
+of each agent step, resized here like any other gymnasium image.
 
 dm_control environments render each observation once, directly at image_size x image_size, from the task's camera.
 ``render_quality`` chooses the renderer's settings:
@@ -36,11 +40,12 @@ from dm_control import suite
 from dm_control.suite.wrappers import pixels as dmc_pixels
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDictBase
-from torchrl.data import Bounded, Composite, Unbounded
+from torchrl.data import Bounded, Composite, OneHot, Unbounded
 from torchrl.envs import (
     ActionScaling,
     DMControlWrapper,
     DoubleToFloat,
+    DTypeCastTransform,
     EnvBase,
     GymWrapper,
     ParallelEnv,
@@ -51,9 +56,11 @@ from torchrl.envs import (
     TransformedEnv,
 )
 
+from utils.atari import make_atari_gym_env, validate_atari_config
+
 PIXELS_KEY = "pixels"
 STATE_KEY = "observation"
-BACKENDS = ("dm_control", "gymnasium")
+BACKENDS = ("dm_control", "gymnasium", "atari")
 RENDER_QUALITIES = ("paper", "fast")
 # The encoder and decoder convolutions are laid out for 64x64 images.
 IMAGE_SIZE = 64
@@ -78,8 +85,8 @@ def obs_key(env_cfg: DictConfig) -> str:
 def can_terminate(env_cfg: DictConfig) -> bool:
     """Whether episodes can end by termination, not only by the time limit (switches the continue head on).
 
-    False for dm_control (its tasks only end at the time limit) and for Pendulum-v1; True for CarRacing-v3 (off the
-    playfield, or the lap completed) and, to be safe, for any other gymnasium environment.
+    False for dm_control (its tasks only end at the time limit) and for Pendulum-v1; True for Atari (game over),
+    CarRacing-v3 (off the playfield, or the lap completed) and, to be safe, for any other gymnasium environment.
     """
     if env_cfg.backend == "dm_control":
         return False
@@ -114,6 +121,8 @@ def validate_env_config(env_cfg: DictConfig) -> None:
         )
     if env_cfg.backend == "dm_control":
         _validate_dm_control_names(env_cfg)
+    elif env_cfg.backend == "atari":
+        validate_atari_config(env_cfg)
     else:
         _validate_gymnasium_names(env_cfg)
 
@@ -192,6 +201,8 @@ def _make_single_env(env_cfg: DictConfig, seed: int, device: torch.device | str)
     """One environment with the whole transform pipeline (batch size [])."""
     if env_cfg.backend == "dm_control":
         base_env = _make_dm_control_env(env_cfg, seed, device)
+    elif env_cfg.backend == "atari":
+        base_env = _make_atari_env(env_cfg, seed, device)
     else:
         base_env = _make_gymnasium_env(env_cfg, seed, device)
     env = TransformedEnv(base_env)
@@ -201,7 +212,10 @@ def _make_single_env(env_cfg: DictConfig, seed: int, device: torch.device | str)
         env.append_transform(RenameTransform(in_keys=[_DMC_FLAT_STATE_KEY], out_keys=[STATE_KEY]))
     env.append_transform(DoubleToFloat())
     action_spec = env.action_spec
-    if not (torch.all(action_spec.space.low == -1) and torch.all(action_spec.space.high == 1)):
+    if isinstance(action_spec, OneHot):
+        # GymWrapper's one-hot actions are int64; the networks and replay take float one-hots (cast back going in).
+        env.append_transform(DTypeCastTransform(action_spec.dtype, torch.float32, in_keys=[], in_keys_inv=["action"]))
+    elif not (torch.all(action_spec.space.low == -1) and torch.all(action_spec.space.high == 1)):
         env.append_transform(ActionScaling())
     env.append_transform(StepCounter(max_steps=env_cfg.max_episode_frames // env_cfg.action_repeat))
     return env
@@ -302,6 +316,13 @@ def _make_gymnasium_env(env_cfg: DictConfig, seed: int, device: torch.device | s
     # frame_skip repeats gym_env.step with summed rewards. With render_mode=None nothing is rendered for display;
     # CarRacing draws its 96x96 observation inside every step (that is its observation), which cannot be skipped.
     env = GymWrapper(gym_env, frame_skip=env_cfg.action_repeat, device=device)
+    env.set_seed(seed)
+    return env
+
+
+def _make_atari_env(env_cfg: DictConfig, seed: int, device: torch.device | str) -> GymWrapper:
+    # Action repeat, max-pooling and the episode limit in frames are the ALE wrapper's (utils/atari.py).
+    env = GymWrapper(make_atari_gym_env(env_cfg), device=device)
     env.set_seed(seed)
     return env
 

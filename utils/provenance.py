@@ -21,7 +21,18 @@ from utils.files import atomic_output
 
 RUN_INFO = "run_info.json"
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("torch", "torchrl", "tensordict", "hydra-core", "numpy", "dm_control", "mujoco", "gymnasium", "wandb")
+PACKAGES = (
+    "torch",
+    "torchrl",
+    "tensordict",
+    "hydra-core",
+    "numpy",
+    "dm_control",
+    "mujoco",
+    "gymnasium",
+    "ale-py",
+    "wandb",
+)
 
 
 def git_revision(root: Path = ROOT) -> dict[str, Any]:
