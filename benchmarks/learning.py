@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.results import DEFAULT_REFERENCE, Run, collect_runs, load_reference  # noqa: E402
+from utils.results import Run, collect_runs, default_reference, load_reference  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,11 @@ CHECKS = {
         description="DreamerV3, Pendulum-v1 from states, 1m model: mean eval return >= -200 within 30k frames",
         target=-200.0,
         random_return=-1200.0,
+    ),
+    "dmc_v3_proprio": Check(
+        preset="dreamer_v3_dmc_proprio",
+        description="DreamerV3 from DMC proprioceptive states (pick the task with --set env.name=... env.task=...), "
+        "against the authors' DreamerV3 returns",
     ),
     "dmc_cpu": Check(
         preset="dmc_cpu",
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted((run for run in runs if run.seed in args.seeds), key=lambda run: run.seed)
     frames, returns = curve_table(runs)
     key = runs[0].reference_key
-    paper = load_reference(DEFAULT_REFERENCE).get(key, {}) if key and DEFAULT_REFERENCE.exists() else {}
+    reference, observation = default_reference({task: runs})  # the authors' V1 or V3 scores, as fits the runs
+    paper = load_reference(reference, observation).get(key, {}) if key and reference.exists() else {}
     write_curve(out / "curve.csv", frames, returns, args.seeds)
     plot_curve(out / "curve.png", f"{task}: {check.description}", frames, returns, check, paper)
     final = returns[:, -1]
