@@ -7,8 +7,11 @@ The latent state is ``h`` (``deter``, the block-GRU state) and ``z`` (``stoch``,
 predictions the same calls as V1:
 
 * ``prior.recurrent_step(deter, stoch, action) -> deter_next``
-* ``prior(deter, stoch, action) -> (deter_next, prior_logits [*, G, K], prior_probs [*, G, K], prior_stoch)``
-* ``posterior(deter, embed) -> (post_logits, post_probs, post_stoch)``
+* ``prior(deter, stoch, action) -> (deter_next, prior_logits [*, G, K], None, prior_stoch)``
+* ``posterior(deter, embed) -> (post_logits, None, post_stoch)``
+
+(the logits describe the categoricals whole: ``None`` stands where V1 returns its Gaussians' std, and no caller
+reads it.)
 * ``rollout(embed [B, T, E], action [B, T, A], is_first [B, T, 1])`` -> ``deter``, ``stoch``, ``post_logits``,
   ``prior_logits`` (``[B, T, *]``).
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrl.modules import RSSMPosteriorV3, RSSMPriorV3
-from torchrl.modules.models.model_based import _unimix_probs as unimix_probs
 
 
 class PriorV3(nn.Module):
@@ -37,7 +39,6 @@ class PriorV3(nn.Module):
         self.core = core
         self.deter_dim = core.rnn_hidden_dim
         self.stoch_dim = core.num_categoricals * core.num_classes
-        self.unimix = core.unimix
 
     def recurrent_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """``h_t = f(h_{t-1}, z_{t-1}, a_{t-1})``: ``[*, D]``, ``[*, G K]``, ``[*, A]`` -> ``[*, D]``."""
@@ -45,9 +46,9 @@ class PriorV3(nn.Module):
 
     def forward(
         self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor]:
         logits, stoch_next, deter_next = self.core(stoch, deter, action.to(stoch.dtype))
-        return deter_next, logits, unimix_probs(logits, self.unimix), stoch_next
+        return deter_next, logits, None, stoch_next
 
 
 class PosteriorV3(nn.Module):
@@ -57,9 +58,9 @@ class PosteriorV3(nn.Module):
         super().__init__()
         self.core = core
 
-    def forward(self, deter: torch.Tensor, embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, deter: torch.Tensor, embed: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
         logits, stoch = self.core(deter, embed.to(deter.dtype))
-        return logits, unimix_probs(logits, self.core.unimix), stoch
+        return logits, None, stoch
 
 
 class RSSMRolloutV3(nn.Module):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from utils.agent import EVAL_SEED_OFFSET, Agent
 from utils.checkpoint import BEST, CHECKPOINT_DIR, LAST, capture_rng_state, restore_rng_state
-from utils.config import frames_to_agent_steps
+from utils.config import algorithm, frames_to_agent_steps
 from utils.env_rng import EnvRngSnapshot, capture_env_rng, restore_env_rng
 from utils.evaluation import evaluate_policy, log_eval_videos
 from utils.metrics import RunLogger, make_dashboard
@@ -159,7 +159,7 @@ def updates_due(cfg: DictConfig, state: RunState) -> int:
     trained_frames = state.frames - cfg.collector.init_random_frames
     if trained_frames < 0:
         return 0
-    if "train_ratio" in cfg.optimization:
+    if algorithm(cfg.optimization) == "dreamer_v3":
         replayed_per_update = cfg.replay_buffer.batch_size * cfg.replay_buffer.batch_length
         policy_steps = trained_frames // cfg.env.action_repeat
         return int(policy_steps * cfg.optimization.train_ratio // replayed_per_update)

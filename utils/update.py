@@ -20,6 +20,13 @@ from torch import nn
 LossFn = Callable[[TensorDictBase], TensorDictBase]
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class DreamerUpdate:
     """Applies one update to ``world_model``, ``actor`` and ``value`` from a replay batch ``[B, T]``.
 
@@ -71,9 +78,7 @@ class DreamerUpdate:
         self.world_model_loss, self.actor_loss, self.value_loss = losses
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.device, self.autocast_dtype)
 
     def losses(self, batch: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase, TensorDictBase]:
         """Forward passes only: ``(world-model terms, actor terms, value terms)`` for ``batch [B, T]``."""

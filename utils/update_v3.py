@@ -11,7 +11,6 @@ detached imagined features; only the replay critic trains the representation, as
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from losses.behaviour_v3 import BehaviourLossV3
 from losses.world_model_v3 import WorldModelLossV3
-from utils.update import _scalar_entries
+from utils.update import _scalar_entries, autocast_context
 from utils.v3_optimizer import make_v3_optimizer
 
 
@@ -57,14 +56,9 @@ class DreamerV3Update:
         self.updates = 0
         self.device, self.autocast_dtype = device, autocast_dtype
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def step(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One update from ``batch [B, T]``; returns detached scalar metrics (losses, diagnostics, grad norm)."""
-        with self._autocast():
+        with autocast_context(self.device, self.autocast_dtype):
             world_model_terms = self.world_model_loss(batch)
             behaviour_terms = self.behaviour_loss(batch)
         loss = world_model_terms["loss_world_model"] + sum(
