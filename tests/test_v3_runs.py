@@ -74,11 +74,16 @@ def dreamer(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def trained_run(tmp_path_factory: pytest.TempPathFactory, name: str, overrides: tuple[str, ...]) -> Path:
+    """The run directory of a finished ``dreamer.py`` run with ``overrides``."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    dreamer(*overrides, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def pendulum_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("v3_pendulum") / "run"
-    dreamer(*PENDULUM, f"hydra.run.dir={run_dir}")
-    return run_dir
+    return trained_run(tmp_path_factory, "v3_pendulum", PENDULUM)
 
 
 def test_a_v3_run_trains_to_the_end_and_logs_the_v3_losses(pendulum_run: Path) -> None:
@@ -157,9 +162,7 @@ def test_sigterm_then_resume_auto_continues_a_v3_run(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pixel_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("v3_pixels") / "run"
-    dreamer(*PIXELS, f"hydra.run.dir={run_dir}")
-    return run_dir
+    return trained_run(tmp_path_factory, "v3_pixels", PIXELS)
 
 
 def test_a_v3_pixel_run_logs_evaluation_and_dream_videos(pixel_run: Path) -> None:

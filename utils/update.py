@@ -109,7 +109,7 @@ class DreamerUpdate:
 
         metrics: dict[str, torch.Tensor] = {}
         for terms in (world_model_terms, actor_terms, value_terms):
-            metrics.update(_scalar_entries(terms))
+            metrics.update(scalar_entries(terms))
         metrics.update({f"grad_norm/{name}": norm for name, norm in grad_norms.items()})
         return metrics
 
@@ -161,7 +161,7 @@ class DreamerUpdate:
             self.scalers[name].load_state_dict(state[f"grad_scaler/{name}"])
 
 
-def _scalar_entries(terms: TensorDictBase) -> dict[str, torch.Tensor]:
+def scalar_entries(terms: TensorDictBase) -> dict[str, torch.Tensor]:
     """Scalar entries of a loss output, named for the dashboard (``loss_actor`` -> ``loss/actor``)."""
     scalars = {}
     for key, value in terms.items():

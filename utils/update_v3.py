@@ -20,7 +20,7 @@ from torch import nn
 
 from losses.behaviour_v3 import BehaviourLossV3
 from losses.world_model_v3 import WorldModelLossV3
-from utils.update import _scalar_entries, autocast_context
+from utils.update import autocast_context, scalar_entries
 from utils.v3_optimizer import make_v3_optimizer
 
 
@@ -71,7 +71,7 @@ class DreamerV3Update:
         )
         self.optimizer.step()
         self._update_slow_critic()
-        metrics = {**_scalar_entries(world_model_terms), **_scalar_entries(behaviour_terms)}
+        metrics = {**scalar_entries(world_model_terms), **scalar_entries(behaviour_terms)}
         metrics["loss/total"] = loss.detach()
         metrics["grad_norm/all"] = grad_norm
         return metrics
