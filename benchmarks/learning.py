@@ -5,11 +5,12 @@
     python benchmarks/learning.py pendulum --seeds 0 --target -1000 --set collector.total_frames=18000   # short form
     python benchmarks/learning.py dmc_cpu --seeds 0 1 --pack                # archive checkpoints + replay for git
     python benchmarks/learning.py dmc_cpu --seeds 0 1 2 --jobs 2 --resume   # continue (unpacking archives) or start
+    python benchmarks/learning.py atari_v3 --set env.name=pong               # DreamerV3 Atari 100k (days on a CPU)
 
 Each seed runs ``python dreamer.py experiment=<preset> env.seed=<seed>`` in ``<out>/seed<seed>`` (threads split
 evenly between the parallel jobs). The curve is the evaluation return (deterministic policy) against environment
 frames, mean ± std over seeds, with the check's reference lines: the target and random acting for Pendulum, the
-authors' published Dreamer V1 returns for DMC tasks.
+authors' published returns (Dreamer V1's or DreamerV3's, as fits the runs) for DMC tasks and Atari games.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.results import Run, collect_runs, default_reference, load_reference  # noqa: E402
+from utils.results import Run, collect_runs, default_reference, load_reference, reference_method  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,11 @@ CHECKS = {
         preset="dreamer_v3_dmc_proprio",
         description="DreamerV3 from DMC proprioceptive states (pick the task with --set env.name=... env.task=...), "
         "against the authors' DreamerV3 returns",
+    ),
+    "atari_v3": Check(
+        preset="atari100k_v3",
+        description="DreamerV3 Atari 100k, 12m model, 400k frames (pick the game with --set env.name=pong), against "
+        "the authors' DreamerV3 Atari-100k returns",
     ),
     "dmc_cpu": Check(
         preset="dmc_cpu",
@@ -139,7 +145,13 @@ def reference_points(paper: dict[int, float], last_frame: int) -> list[tuple[int
 
 
 def plot_curve(
-    path: Path, title: str, frames: np.ndarray, returns: np.ndarray, check: Check, paper: dict[int, float]
+    path: Path,
+    title: str,
+    frames: np.ndarray,
+    returns: np.ndarray,
+    check: Check,
+    paper: dict[int, float],
+    paper_label: str = "Dreamer V1",
 ) -> None:
     figure = Figure(figsize=(6.4, 4.0))
     axes = figure.subplots()
@@ -157,7 +169,7 @@ def plot_curve(
         axes.axhline(check.random_return, color="tab:gray", linestyle=":", label=f"random ≈ {check.random_return:g}")
     points = reference_points(paper, int(frames[-1]))
     if points:
-        axes.plot(*zip(*points, strict=True), "D", color="tab:red", label="Dreamer V1 (authors)")
+        axes.plot(*zip(*points, strict=True), "D", color="tab:red", label=f"{paper_label} (authors)")
     axes.set(xlabel="environment frames", ylabel="eval return")
     axes.set_title(textwrap.fill(title, 80), fontsize=9)
     axes.grid(alpha=0.3)
@@ -211,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     frames, returns = curve_table(runs)
     key = runs[0].reference_key
     reference, observation = default_reference({task: runs})  # the authors' V1 or V3 scores, as fits the runs
-    paper = load_reference(reference, observation).get(key, {}) if key and reference.exists() else {}
+    found = key is not None and reference is not None and reference.exists()
+    paper = load_reference(reference, observation).get(key, {}) if found else {}
     write_curve(out / "curve.csv", frames, returns, args.seeds)
-    plot_curve(out / "curve.png", f"{task}: {check.description}", frames, returns, check, paper)
+    title = f"{task}: {check.description}"
+    plot_curve(out / "curve.png", title, frames, returns, check, paper, reference_method({task: runs}))
     final = returns[:, -1]
     verdict = {
         "check": args.check,

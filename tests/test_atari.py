@@ -16,7 +16,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from torchrl.data import OneHot
 from torchrl.envs.utils import check_env_specs
@@ -27,7 +27,7 @@ from tests.runs import check_sequences_stay_in_episodes, episodes_by_id, replay_
 from tests.test_world_model import replay_batch, tiny_world_model
 from utils.atari import import_ale, make_atari_gym_env
 from utils.checkpoint import load_checkpoint
-from utils.config import ConfigError, apply_overrides, compose_config
+from utils.config import ConfigError, apply_overrides, check_config, compose_config
 from utils.env_rng import capture_env_rng, restore_env_rng
 from utils.envs import can_terminate, make_env, obs_key, validate_env_config
 from utils.replay import StepRecorder, add_steps, make_replay_buffer
@@ -293,6 +293,42 @@ def test_the_atari_preset_has_the_authors_discrete_settings():
     assert cfg.collector.exploration_noise == 0.4 and cfg.optimization.reward_transform == "tanh"
     assert (cfg.optimization.imagination_horizon, cfg.optimization.kl_scale) == (10, 0.1)
     assert compose_config("env=atari").optimization.reward_transform == "none"
+
+
+def test_the_atari100k_v3_preset_is_the_authors_atari100k_setup():
+    """Pinned to danijar/dreamerv3 at e3f02248693a79dc8b0ebd62c93683888ddaccfe (tests/data/dreamerv3_reference.yaml):
+    dreamerv3/configs.yaml, block ``atari100k`` (run: steps 1.1e5, envs 1, train_ratio 256; env.atari100k: size
+    [64, 64], repeat 4, sticky False, gray False, actions needed, lives unused, noops 30), the defaults block (batch
+    16 x 64) and embodied/envs/atari.py's defaults for what the block leaves out (length 108000 frames)."""
+    from benchmarks.learning import CHECKS
+
+    cfg = compose_config("experiment=atari100k_v3", "env.name=pong")
+    check_config(cfg)
+    authors = {
+        "env.backend": "atari",
+        "env.action_repeat": 4,  # repeat
+        "env.image_size": 64,  # size
+        "env.grayscale": False,  # gray
+        "env.repeat_action_probability": 0.0,  # sticky: False
+        "env.full_action_space": False,  # actions: needed
+        "env.noop_max": 30,  # noops (theirs draw 0..30 frames, ours 1..30)
+        "env.terminal_on_life_loss": False,  # lives: unused
+        "env.max_episode_frames": 108000,  # Atari(length=108000)
+        "env.num_envs": 1,  # run.envs
+        "optimization.train_ratio": 256.0,  # run.train_ratio
+        "replay_buffer.batch_size": 16,  # batch_size
+        "replay_buffer.batch_length": 64,  # batch_length
+        "model.name": "dreamer_v3",
+    }
+    actual = {key: OmegaConf.select(cfg, key) for key in authors}
+    assert actual == authors
+    # Ours: the small size (their block keeps size200m), 100k agent steps (their run.steps 1.1e5 runs 10% past the
+    # benchmark's budget), uniform random actions until one batch of 16 x 64 steps is stored.
+    assert (cfg.model.size, cfg.model.deter_dim) == ("12m", 2048)
+    assert cfg.collector.total_frames == 100_000 * cfg.env.action_repeat
+    assert cfg.collector.init_random_frames == 16 * 64 * cfg.env.action_repeat
+    assert cfg.env.name == "pong" and compose_config("experiment=atari100k_v3").env.name == "boxing"
+    assert CHECKS["atari_v3"].preset == "atari100k_v3"
 
 
 def test_tanh_reward_transform_squashes_the_reward_target():

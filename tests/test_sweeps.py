@@ -20,17 +20,22 @@ from matplotlib.image import imread
 from tests.cli import ROOT, run_dreamer
 from utils.config import compose_config
 from utils.results import (
+    ATARI_FRAMES,
+    DEFAULT_FRAMES,
     DEFAULT_REFERENCE,
+    DEFAULT_V3_ATARI_REFERENCE,
     DEFAULT_V3_REFERENCE,
     ResultsError,
     Run,
     config_differences,
+    default_frames,
     default_reference,
     eval_points,
     frames_label,
     load_reference,
     main,
     markdown_table,
+    pick_reference,
     reference_key,
     summarize,
     value_at,
@@ -289,6 +294,29 @@ def test_dreamer_v3_runs_default_to_the_authors_v3_scores_of_their_observation_k
     assert default_reference({"a": [run({**v3_states, "env.from_pixels": True})]}) == (DEFAULT_V3_REFERENCE, "vision")
     # Runs saved before DreamerV3 have no model.name: Dreamer V1, whose reference has no observation column.
     assert default_reference({"a": [run({"env.from_pixels": True}), run(v3_states)]})[0] == DEFAULT_REFERENCE
+
+
+def test_atari_runs_default_to_the_authors_v3_atari100k_scores_and_v1_atari_runs_to_none() -> None:
+    def run(config: dict) -> Run:
+        return dataclasses.replace(make_run(0, [100], [1.0], 100), config=config)
+
+    assert reference_key({"backend": "atari", "name": "ms_pacman", "task": None}) == "ms_pacman"
+    v3_atari = {"model.name": "dreamer_v3", "env.backend": "atari", "env.from_pixels": True}
+    v1_atari = {**v3_atari, "model.name": "dreamer_v1"}
+    assert default_reference({"boxing": [run(v3_atari)], "pong": [run(v3_atari)]}) == (
+        DEFAULT_V3_ATARI_REFERENCE,
+        "vision",
+    )
+    assert default_frames({"boxing": [run(v3_atari)]}) == ATARI_FRAMES
+    assert default_frames({"boxing": [run(v3_atari)], "a": [run({"env.backend": "dm_control"})]}) == DEFAULT_FRAMES
+    scores, label = pick_reference({"boxing": [run(v3_atari)]}, None, warnings := [])
+    assert label == "DreamerV3" and scores["boxing"][400_000] == 79.4 and not warnings
+    assert default_reference({"boxing": [run(v1_atari)]}) == (None, "vision")
+    assert pick_reference({"boxing": [run(v1_atari)]}, None, warnings) == ({}, "")
+    assert warnings == [
+        "no paper values: the authors published no Dreamer V1 Atari scores (their score file covers DMC only); "
+        "pass --reference to compare with other scores"
+    ]
 
 
 def make_run(seed: int, frames: list[int], returns: list[float], last_frame: int) -> Run:

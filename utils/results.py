@@ -9,6 +9,10 @@ such as ``.hydra`` and ``.submitit`` are skipped), reads its ``metrics.csv``, gr
 - ``curve_<task>.png``: eval return against environment frames, mean ± std over the runs, every run thin, and the
   paper's values as points.
 
+The paper's values: the authors' Dreamer V1 scores (DMC), or their DreamerV3 scores for DreamerV3 runs (DMC from states
+or pixels; Atari 100k: ``benchmarks/reference/dreamer_v3_atari100k_scores.csv``). The authors published no Dreamer V1
+Atari scores. Tables of Atari runs default to 100k, 200k and 400k frames (the Atari-100k budget).
+
 Definitions:
 
 - Evaluation rows of ``metrics.csv`` are the rows with ``eval/return`` and no ``agent_steps`` (training rows repeat
@@ -43,7 +47,11 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 DEFAULT_REFERENCE = REFERENCE_DIR / "dreamer_v1_dmc_scores.csv"
 # DreamerV3 runs are compared with the authors' DreamerV3 scores, from states (proprio) or pixels (vision).
 DEFAULT_V3_REFERENCE = REFERENCE_DIR / "dreamer_v3_dmc_scores.csv"
+# DreamerV3 Atari runs: the authors' Atari-100k scores, kept in this repository (benchmarks/atari100k_reference.py).
+REPOSITORY_REFERENCE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "reference"
+DEFAULT_V3_ATARI_REFERENCE = REPOSITORY_REFERENCE_DIR / "dreamer_v3_atari100k_scores.csv"
 DEFAULT_FRAMES = (100_000, 500_000, 1_000_000)
+ATARI_FRAMES = (100_000, 200_000, 400_000)
 EVAL_RETURN = "eval/return"
 # Config keys (and sections) that may differ between the runs of one task: the seed, where outputs go and how they
 # are logged, how long a run lasts, mode=eval settings, and switches that do not change what is computed.
@@ -138,7 +146,10 @@ def task_name(env: dict) -> str:
 
 
 def reference_key(env: dict) -> str | None:
-    """The task's name in the reference file (``walker_walk``, ``cup_catch``); ``None`` outside dm_control."""
+    """The task's name in the reference file: ``walker_walk``, ``cup_catch`` (dm_control), the game (Atari:
+    ``boxing``); ``None`` for other environments."""
+    if env.get("backend") == "atari":
+        return str(env["name"])
     if env.get("backend") != "dm_control":
         return None
     return f"{REFERENCE_DOMAINS.get(env['name'], env['name'])}_{env['task']}"
@@ -373,8 +384,11 @@ def curve(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return grid, statistics[:, 0], np.nan_to_num(statistics[:, 1])
 
 
-def plot_task(task: str, runs: Sequence[Run], paper: dict[int, float], path: Path) -> None:
-    """Learning curve PNG: every run thin, mean ± std band, the paper's values as points (those within the runs)."""
+def plot_task(
+    task: str, runs: Sequence[Run], paper: dict[int, float], path: Path, paper_label: str = "Dreamer V1"
+) -> None:
+    """Learning curve PNG: every run thin, mean ± std band, the paper's values (``paper_label``: whose) as points
+    (those within the runs)."""
     frames, mean, std = curve(runs)
     figure = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
     axes = figure.subplots()
@@ -386,7 +400,7 @@ def plot_task(task: str, runs: Sequence[Run], paper: dict[int, float], path: Pat
     if paper:
         shown = {count: value for count, value in sorted(paper.items()) if count <= frames[-1]}
         listed = ", ".join(f"{value:g} at {frames_label(count)}" for count, value in sorted(paper.items()))
-        axes.plot(list(shown), list(shown.values()), "D--", color="tab:red", label=f"paper (Dreamer V1): {listed}")
+        axes.plot(list(shown), list(shown.values()), "D--", color="tab:red", label=f"paper ({paper_label}): {listed}")
     axes.set_title(f"{task} (seeds {_join(sorted({run.seed for run in runs}))})")
     axes.set_xlabel("environment frames")
     axes.set_ylabel("eval return")
@@ -401,42 +415,80 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Table of eval return per task at given frame counts (mean ± std over seeds) and learning curves.",
     )
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep directories (or run directories) to search")
-    parser.add_argument("--frames", nargs="+", type=int, default=list(DEFAULT_FRAMES), help="frame counts of the table")
+    parser.add_argument(
+        "--frames",
+        nargs="+",
+        type=int,
+        help=f"frame counts of the table (default: {_join(DEFAULT_FRAMES)}; Atari runs: {_join(ATARI_FRAMES)})",
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: <first dir>/results)")
     parser.add_argument(
         "--reference",
         type=Path,
-        help=f"reference scores CSV (default: {DEFAULT_REFERENCE}, or {DEFAULT_V3_REFERENCE} for DreamerV3 runs)",
+        help=f"reference scores CSV (default: {DEFAULT_REFERENCE}, or {DEFAULT_V3_REFERENCE} for DreamerV3 runs, "
+        f"{DEFAULT_V3_ATARI_REFERENCE} for DreamerV3 Atari runs)",
     )
     parser.add_argument("--allow-mismatch", action="store_true", help="pool runs of a task whose configs differ")
     return parser.parse_args(argv)
 
 
-def default_reference(groups: dict[str, list[Run]]) -> tuple[Path, str]:
-    """The authors' scores to compare with: DreamerV3's when every run is DreamerV3, else Dreamer V1's; and the
-    observation kind of the runs (``vision`` from pixels, else ``proprio``)."""
+def is_atari(groups: dict[str, list[Run]]) -> bool:
+    """Whether every run plays an Atari game."""
+    return all(run.config.get("env.backend") == "atari" for runs in groups.values() for run in runs)
+
+
+def reference_method(groups: dict[str, list[Run]]) -> str:
+    """Whose scores :func:`default_reference` picks: ``DreamerV3`` when every run is DreamerV3, else ``Dreamer V1``."""
+    v3 = all(run.config.get("model.name") == "dreamer_v3" for runs in groups.values() for run in runs)
+    return "DreamerV3" if v3 else "Dreamer V1"
+
+
+def default_reference(groups: dict[str, list[Run]]) -> tuple[Path | None, str]:
+    """The authors' scores to compare with and the observation kind of the runs (``vision`` from pixels, else
+    ``proprio``): DreamerV3's when every run is DreamerV3 (their Atari-100k scores when every run is Atari), else
+    Dreamer V1's; ``None`` for Dreamer V1 Atari runs (the authors published no Dreamer V1 Atari scores)."""
     runs = [run for task_runs in groups.values() for run in task_runs]
-    v3 = all(run.config.get("model.name") == "dreamer_v3" for run in runs)
+    v3 = reference_method(groups) == "DreamerV3"
     observation = "vision" if all(run.config.get("env.from_pixels", True) for run in runs) else "proprio"
+    if is_atari(groups):
+        return (DEFAULT_V3_ATARI_REFERENCE if v3 else None), observation
     return (DEFAULT_V3_REFERENCE if v3 else DEFAULT_REFERENCE), observation
+
+
+def default_frames(groups: dict[str, list[Run]]) -> tuple[int, ...]:
+    """The table's frame counts when ``--frames`` is not given: the Atari-100k budget's for Atari runs."""
+    return ATARI_FRAMES if is_atari(groups) else DEFAULT_FRAMES
+
+
+def pick_reference(
+    groups: dict[str, list[Run]], path: Path | None, warnings: list[str]
+) -> tuple[dict[str, dict[int, float]], str]:
+    """The reference scores (``path``, else :func:`default_reference`'s) and their label for the plots; a line in
+    ``warnings`` when there are none."""
+    default, observation = default_reference(groups)
+    if path is not None:
+        return load_reference(path, observation), path.stem
+    if default is None:
+        warnings.append(
+            "no paper values: the authors published no Dreamer V1 Atari scores (their score file covers DMC only); "
+            "pass --reference to compare with other scores"
+        )
+        return {}, ""
+    if not default.is_file():
+        warnings.append(f"no reference scores at {default} (pass --reference): no paper values")
+        return {}, ""
+    return load_reference(default, observation), reference_method(groups)
 
 
 def report(args: argparse.Namespace) -> tuple[str, list[str], Path]:
     """Writes the table, CSV and plots; returns the markdown table, the warnings and the output directory."""
-    frames = sorted(set(args.frames))
-    if frames[0] <= 0:
+    if args.frames is not None and min(args.frames) <= 0:
         raise ResultsError(f"--frames must be positive, got {_join(args.frames)}")
     groups = collect_runs(args.dirs)
+    frames = sorted(set(args.frames or default_frames(groups)))
     warnings = check_configs(groups, args.allow_mismatch)
     warnings += seed_warnings(groups) + frame_warnings(groups, frames)
-    default, observation = default_reference(groups)
-    if args.reference is not None:
-        reference = load_reference(args.reference, observation)
-    elif default.is_file():
-        reference = load_reference(default, observation)
-    else:
-        reference = {}
-        warnings.append(f"no reference scores at {default} (pass --reference): no paper values")
+    reference, label = pick_reference(groups, args.reference, warnings)
     paper_frames = {count for values in reference.values() for count in values}
 
     out = args.out if args.out is not None else args.dirs[0] / "results"
@@ -447,7 +499,7 @@ def report(args: argparse.Namespace) -> tuple[str, list[str], Path]:
     plots = []
     for task, runs in groups.items():
         plots.append(f"curve_{task.replace('/', '_')}.png")
-        plot_task(task, runs, reference.get(runs[0].reference_key, {}), out / plots[-1])
+        plot_task(task, runs, reference.get(runs[0].reference_key, {}), out / plots[-1], label)
     (out / "results.md").write_text(table + "\n" + "".join(f"![{name}]({name})\n" for name in plots))
     return table, warnings, out
 
