@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "has none (start seeds that have neither)",
     )
     parser.add_argument(
+        "--restart", action="store_true", help="delete the seeds' earlier runs in --out and train them afresh"
+    )
+    parser.add_argument(
         "--pack", action="store_true", help="only pack each seed's checkpoint and replay into seed<N>.resume.tar.xz"
     )
     args = parser.parse_args(argv)
@@ -211,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             if unpack_seed(out, seed):
                 print(f"unpacked {resume_archive(out, seed)}")
-    if not args.resume:  # a re-run replaces the seed's earlier results (dreamer.py refuses a used run directory)
-        for seed in args.seeds:
-            shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
+    if not args.resume:
+        used = [seed for seed in args.seeds if (out / f"seed{seed}").exists()]
+        if used and not args.restart:
+            parser.error(
+                f"{out} already holds seed {', '.join(map(str, used))}: continue with --resume, or replace "
+                "with --restart (deletes those seeds' runs), or pick another --out"
+            )
+        for seed in used:  # dreamer.py refuses a run directory that holds another run
+            shutil.rmtree(out / f"seed{seed}")
     with ThreadPoolExecutor(args.jobs) as pool:
         minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads, args.resume), args.seeds))
 

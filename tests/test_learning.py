@@ -68,7 +68,9 @@ def test_the_verdict_counts_only_the_seeds_trained_now(tmp_path: Path, monkeypat
     assert (tmp_path / "curve.csv").read_text().splitlines()[0].count("seed") == 2
 
 
-def test_a_rerun_replaces_the_seeds_earlier_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rerun_keeps_the_seeds_earlier_results_unless_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     fake_run(tmp_path, seed=0, final_return=-1400.0)  # an earlier run of the same seed
 
     def train(check, seed: int, out: Path, overrides: list[str], threads: int, resume: bool) -> float:
@@ -76,7 +78,12 @@ def test_a_rerun_replaces_the_seeds_earlier_results(tmp_path: Path, monkeypatch:
         return 1.0
 
     monkeypatch.setattr(learning, "run_seed", train)
-    assert main(["pendulum", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit) as refused:  # without --restart the earlier run is kept
+        main(["pendulum", "--seeds", "0", "--out", str(tmp_path)])
+    assert refused.value.code == 2
+    assert "already holds seed 0: continue with --resume, or replace with --restart" in capsys.readouterr().err
+    assert (tmp_path / "seed0" / "metrics.csv").exists()
+    assert main(["pendulum", "--seeds", "0", "--out", str(tmp_path), "--restart"]) == 0
     assert json.loads((tmp_path / "verdict.json").read_text())["final_return_per_seed"] == [-250.0]
 
 
