@@ -5,12 +5,14 @@
     python benchmarks/learning.py pendulum --seeds 0 --target -1000 --set collector.total_frames=18000   # short form
     python benchmarks/learning.py dmc_cpu --seeds 0 1 --pack                # archive checkpoints + replay for git
     python benchmarks/learning.py dmc_cpu --seeds 0 1 2 --jobs 2 --resume   # continue (unpacking archives) or start
+    python benchmarks/learning.py dmc_cpu --seeds 0 1 --report              # curve + verdict of a partial check
     python benchmarks/learning.py atari_v3 --set env.name=pong               # DreamerV3 Atari 100k (days on a CPU)
 
 Each seed runs ``python dreamer.py experiment=<preset> env.seed=<seed>`` in ``<out>/seed<seed>`` (threads split
 evenly between the parallel jobs). The curve is the evaluation return (deterministic policy) against environment
-frames, mean ± std over seeds, with the check's reference lines: the target and random acting for Pendulum, the
-authors' published returns (Dreamer V1's or DreamerV3's, as fits the runs) for DMC tasks and Atari games.
+frames, mean ± std over seeds where all have evaluated (each seed's own line runs to its last evaluation), with the
+check's reference lines: the target and random acting for Pendulum, the authors' published returns (Dreamer V1's or
+DreamerV3's, as fits the runs) for DMC tasks and Atari games.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -121,6 +125,31 @@ def unpack_seed(out: Path, seed: int) -> bool:
     return True
 
 
+def train_seeds(
+    check: Check, args: argparse.Namespace, out: Path, threads: int, refuse: Callable[[str], NoReturn]
+) -> list[float]:
+    """Trains (``args.resume``: continues) ``args.seeds``, ``args.jobs`` at a time; returns minutes per seed.
+
+    Without ``--resume`` a seed whose directory holds an earlier run is refused (``refuse`` gets the message)
+    unless ``--restart`` asks to delete it.
+    """
+    if args.resume:
+        for seed in args.seeds:
+            if unpack_seed(out, seed):
+                print(f"unpacked {resume_archive(out, seed)}")
+    else:
+        used = [seed for seed in args.seeds if (out / f"seed{seed}").exists()]
+        if used and not args.restart:
+            refuse(
+                f"{out} already holds seed {', '.join(map(str, used))}: continue with --resume, or replace "
+                "with --restart (deletes those seeds' runs), or pick another --out"
+            )
+        for seed in used:  # dreamer.py refuses a run directory that holds another run
+            shutil.rmtree(out / f"seed{seed}")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads, args.resume), args.seeds))
+
+
 def curve_table(runs: list[Run]) -> tuple[np.ndarray, np.ndarray]:
     """Evaluation frames ``[K]`` common to all runs and the returns ``[seeds, K]`` there."""
     common = sorted(set.intersection(*(set(run.eval_frames.tolist()) for run in runs)))
@@ -152,11 +181,14 @@ def plot_curve(
     check: Check,
     paper: dict[int, float],
     paper_label: str = "Dreamer V1",
+    seed_curves: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> None:
+    """Mean ± std of ``returns [seeds, K]`` at ``frames [K]``; thin lines: each seed, to its own last evaluation
+    (``seed_curves``: frames [K_i] and returns [K_i] per seed; default: the rows of ``returns``)."""
     figure = Figure(figsize=(6.4, 4.0))
     axes = figure.subplots()
-    for run_returns in returns:
-        axes.plot(frames, run_returns, color="tab:blue", alpha=0.3, linewidth=0.8)
+    for seed_frames, seed_returns in seed_curves or [(frames, run_returns) for run_returns in returns]:
+        axes.plot(seed_frames, seed_returns, color="tab:blue", alpha=0.3, linewidth=0.8)
     mean = returns.mean(axis=0)
     seeds = f"{len(returns)} seed{'s' if len(returns) > 1 else ''}"
     axes.plot(frames, mean, color="tab:blue", linewidth=2, label=f"mean over {seeds}")
@@ -167,7 +199,8 @@ def plot_curve(
         axes.axhline(check.target, color="tab:green", linestyle="--", label=f"target {check.target:g}")
     if check.random_return is not None:
         axes.axhline(check.random_return, color="tab:gray", linestyle=":", label=f"random ≈ {check.random_return:g}")
-    points = reference_points(paper, int(frames[-1]))
+    last_frame = max(int(seed_frames[-1]) for seed_frames, _ in seed_curves or [(frames, None)])
+    points = reference_points(paper, last_frame)
     if points:
         axes.plot(*zip(*points, strict=True), "D", color="tab:red", label=f"{paper_label} (authors)")
     axes.set(xlabel="environment frames", ylabel="eval return")
@@ -197,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         "--restart", action="store_true", help="delete the seeds' earlier runs in --out and train them afresh"
     )
     parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: write the curve and verdict from the seeds' metrics as they are (a partial check)",
+    )
+    parser.add_argument(
         "--pack", action="store_true", help="only pack each seed's checkpoint and replay into seed<N>.resume.tar.xz"
     )
     args = parser.parse_args(argv)
@@ -210,21 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             print(f"packed {pack_seed(out, seed)}")
         return 0
-    if args.resume:
-        for seed in args.seeds:
-            if unpack_seed(out, seed):
-                print(f"unpacked {resume_archive(out, seed)}")
-    if not args.resume:
-        used = [seed for seed in args.seeds if (out / f"seed{seed}").exists()]
-        if used and not args.restart:
-            parser.error(
-                f"{out} already holds seed {', '.join(map(str, used))}: continue with --resume, or replace "
-                "with --restart (deletes those seeds' runs), or pick another --out"
-            )
-        for seed in used:  # dreamer.py refuses a run directory that holds another run
-            shutil.rmtree(out / f"seed{seed}")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        minutes = list(pool.map(lambda s: run_seed(check, s, out, args.overrides, threads, args.resume), args.seeds))
+    minutes = [] if args.report else train_seeds(check, args, out, threads, refuse=parser.error)
 
     (task, runs), *_ = collect_runs([out]).items()
     # Only the seeds trained now: ``out`` may hold other seeds' directories from earlier runs.
@@ -236,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     paper = load_reference(reference, observation).get(key, {}) if found else {}
     write_curve(out / "curve.csv", frames, returns, args.seeds)
     title = f"{task}: {check.description}"
-    plot_curve(out / "curve.png", title, frames, returns, check, paper, reference_method({task: runs}))
+    seed_curves = [(run.eval_frames, run.eval_returns) for run in runs]
+    plot_curve(out / "curve.png", title, frames, returns, check, paper, reference_method({task: runs}), seed_curves)
     final = returns[:, -1]
     verdict = {
         "check": args.check,
@@ -247,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_frames": int(frames[-1]),
         "final_return_per_seed": final.tolist(),
         "final_return_mean": float(final.mean()),
+        "last_eval_frames_per_seed": [int(run.eval_frames[-1]) for run in runs],
+        "partial": bool(args.report),
         "target": check.target,
         "passed": None if check.target is None else bool(final.mean() >= check.target),
         "minutes_per_seed": minutes,

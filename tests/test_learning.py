@@ -87,6 +87,27 @@ def test_a_rerun_keeps_the_seeds_earlier_results_unless_restarted(
     assert json.loads((tmp_path / "verdict.json").read_text())["final_return_per_seed"] == [-250.0]
 
 
+def test_report_writes_a_partial_checks_curve_without_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeds stopped at different frames: the curve and mean run to the last evaluation all seeds share."""
+    fake_run(tmp_path, seed=0, final_return=-600.0)  # evaluations at 2000, 4000
+    fake_run(tmp_path, seed=1, final_return=-800.0)
+    with open(tmp_path / "seed0" / "metrics.csv", "a") as metrics:
+        metrics.write("6000,-300\n")  # seed 0 ran further
+
+    def train(*args: object) -> float:
+        raise AssertionError("--report must not train")
+
+    monkeypatch.setattr(learning, "run_seed", train)
+    # Exit status 1: the mean at the last shared evaluation, -700, misses the Pendulum target (-400).
+    assert main(["pendulum", "--seeds", "0", "1", "--out", str(tmp_path), "--report"]) == 1
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert (verdict["final_frames"], verdict["final_return_mean"]) == (4000, -700.0)
+    assert verdict["last_eval_frames_per_seed"] == [6000, 4000] and verdict["partial"] is True
+    lines = (tmp_path / "curve.csv").read_text().splitlines()
+    assert lines == ["frames,mean,std,seed0,seed1", "2000,-1500,0,-1500,-1500", "4000,-700,141.421,-600,-800"]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
 def test_resume_keeps_the_seeds_and_restores_packed_checkpoint_and_replay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
