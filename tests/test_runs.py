@@ -63,13 +63,17 @@ def interrupted_and_resumed(base: Path, overrides: tuple[str, ...]) -> SimpleNam
     )
 
 
+# A metrics.csv row every 3 updates: the interruption (after update 4) cuts the window of the row at update 6.
+EXACT = (*TINY_RUN, "logger.log_every=3")
+
+
 @pytest.fixture(scope="module")
 def exact(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """``TINY_RUN`` uninterrupted (``reference``), and the same run interrupted and resumed."""
+    """``EXACT`` uninterrupted (``reference``), and the same run interrupted and resumed."""
     base = tmp_path_factory.mktemp("exact")
-    runs = interrupted_and_resumed(base, TINY_RUN)
+    runs = interrupted_and_resumed(base, EXACT)
     runs.reference_dir = base / "reference"
-    runs.reference = train_in_process(runs.reference_dir, TINY_RUN)
+    runs.reference = train_in_process(runs.reference_dir, EXACT)
     return runs
 
 
