@@ -184,6 +184,24 @@ def test_episodes_shorter_than_batch_length_are_never_sampled_and_never_break_sa
         pytest.fail(f"episodes shorter than batch_length make sampling fail: {error}")
 
 
+def test_a_run_whose_episodes_are_all_shorter_than_batch_length_waits_with_a_warning(tmp_path) -> None:
+    """Pendulum episodes of 4 agent steps (5 stored steps) against ``batch_length=6``: nothing can ever be sampled.
+    The run still collects all its frames; its owed updates wait (none is made), with a warning naming
+    ``replay_buffer.batch_length`` (shown once: Python's default filter), instead of the run failing."""
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"replay_buffer\.batch_length=6") as caught:
+        try:
+            record = train_in_process(run_dir, (*TINY_RUN, "env.max_episode_frames=8"))
+        except Exception as error:
+            pytest.fail(f"episodes shorter than batch_length must not make a training run fail: {error!r}")
+    assert all("the owed updates wait" in str(w.message) for w in caught if "batch_length" in str(w.message))
+    counters = checkpoint_state(run_dir)["counters"]
+    assert record.update_calls == 0 and counters["updates"] == 0, "no update can be made from episodes this short"
+    assert counters["frames"] == 160 and counters["episodes"] == 20, (
+        "a run whose episodes are shorter than batch_length must still collect all its frames"
+    )
+
+
 @pytest.mark.parametrize(
     ("lengths", "capacity"),
     [([7, 12, 6, 9, 15, 8, 11, 10], 25), ([40], 20)],
