@@ -11,11 +11,13 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -129,10 +131,17 @@ def train_in_process(
     """Trains (``resume=False``) or resumes the run in ``run_dir`` as ``dreamer.py`` would, on one torch thread.
 
     ``overrides`` are the command line of a new run, or the overrides given beside ``resume=``. With
-    ``interrupt_at_update=n`` the n-th update call of this ``train`` raises ``KeyboardInterrupt`` (Ctrl-C) before
-    it starts; the learner state at that moment is kept in ``RunRecord.interrupted``.
+    ``interrupt_at_update=n`` the n-th update call of this ``train`` raises ``KeyboardInterrupt`` (Ctrl-C) in its
+    middle, after its forward passes drew from torch's stream and before any optimiser step; the learner state at
+    the start of that update is kept in ``RunRecord.interrupted``.
     """
     record = RunRecord()
+
+    def ctrl_c(*args: Any) -> None:
+        """Ctrl-C in the middle of an update: after its forward passes drew latent noise from torch's stream,
+        before any optimiser step."""
+        raise KeyboardInterrupt
+
     update_step, record_batch = DreamerUpdate.step, utils.train._record_batch
 
     def step(self: DreamerUpdate, batch: TensorDict) -> dict[str, torch.Tensor]:
@@ -140,8 +149,15 @@ def train_in_process(
         record.batches_before_update.append(len(record.batches))
         if record.update_calls == interrupt_at_update:
             record.interrupted = learner_state(self)
-            raise KeyboardInterrupt
-        return update_step(self, batch)
+            with pytest.MonkeyPatch.context() as inner:
+                inner.setattr(DreamerUpdate, "_apply", ctrl_c)
+                update_step(self, batch)
+        metrics = update_step(self, batch)
+        # Nothing in a Pendulum run reads Python's or NumPy's global stream (a resume that forgot to restore them
+        # would pass unseen); each completed update draws from both, as an environment or augmentation might.
+        random.random()
+        np.random.random()
+        return metrics
 
     def collected(batch: TensorDict, *args: Any) -> None:
         record.batches.append(batch.clone())

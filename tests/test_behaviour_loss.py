@@ -237,8 +237,11 @@ def test_saturation_diagnostics_match_the_actor_on_the_imagined_states() -> None
     start = torch.cat([states["deter"], states["stoch"]], -1).reshape(1, -1, FEATURE)
     acting_features = torch.cat([start, trajectory["feature"][:-1]])
     mean, std = (x.detach() for x in parts.actor.gaussian(acting_features))
-    torch.testing.assert_close(output["actor/mean_abs"], mean.abs().mean())
-    torch.testing.assert_close(output["actor/std_median"], std.flatten().sort().values[(std.numel() - 1) // 2])
+    on_acting_states = "the actor's diagnostics must come from the states it acted in (start, then imagined)"
+    torch.testing.assert_close(output["actor/mean_abs"], mean.abs().mean(), msg=on_acting_states)
+    torch.testing.assert_close(
+        output["actor/std_median"], std.flatten().sort().values[(std.numel() - 1) // 2], msg=on_acting_states
+    )
     saturated = (trajectory["action"].abs() > 0.99).double().mean()
     assert 0.0 < saturated < 1.0
     torch.testing.assert_close(output["actor/saturated_fraction"].double(), saturated)

@@ -30,11 +30,26 @@ def episode_steps() -> TensorDict:
     )
 
 
+class SensitiveDecoder(torch.nn.Module):
+    """Images ``[*, 3, 64, 64]`` in ``[-0.4, 0.4]`` that change by many grey levels for small feature changes.
+
+    An untrained decoder's images barely depend on the model state (within one grey level of each other), so a model
+    panel one step out of line would pass; this one makes every imagined step's image distinct."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(feature_dim, 3 * PANEL * PANEL)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return 0.4 * torch.sin(20 * self.linear(features)).unflatten(-1, (3, PANEL, PANEL))
+
+
 def test_open_loop_dream_panels_line_up_with_the_observations(monkeypatch: pytest.MonkeyPatch) -> None:
     """truth | model | error at frame k: observation k; the decoded posterior (k < context) or the prior rolled
     open-loop with the actions up to k; and their difference. Latent samples are replaced by their means."""
     monkeypatch.setattr("modules.rssm.sample_gaussian", lambda mean, std: mean)
     world_model = tiny_world_model((3, 64, 64), from_pixels=True)
+    world_model.decoder = SensitiveDecoder(world_model.feature_dim)
     steps = episode_steps()
     video = open_loop_dream(world_model, steps)
     assert video.shape == (LENGTH, PANEL, 3 * PANEL, 3)
@@ -65,8 +80,9 @@ def test_open_loop_dream_panels_line_up_with_the_observations(monkeypatch: pytes
     expected_error = to_uint8_frames((images - truth_float + 1.0) / 2.0 - 0.5)
     for k in range(LENGTH):
         assert np.abs(model[k].astype(int) - expected_model[k]).max() <= 1, (
-            f"the model panel at frame {k} is not step {k}"
+            f"the model panel at frame {k} must decode the model state of step {k} (observed, or imagined with the "
+            f"actions up to step {k})"
         )
         assert np.abs(error[k].astype(int) - expected_error[k]).max() <= 1, (
-            f"the error panel at frame {k} is not step {k}"
+            f"the error panel at frame {k} must be the difference of the model and truth panels of step {k}"
         )

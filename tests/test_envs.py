@@ -114,7 +114,9 @@ def test_dm_control_action_repeat_sums_rewards_and_counts_frames():
             reward += time_step.reward
         expected_obs = np.concatenate([value.ravel() for value in time_step.observation.values()])
         np.testing.assert_allclose(out["observation"].numpy(), expected_obs, rtol=1e-5, atol=1e-5)
-        assert out["reward"].item() == pytest.approx(reward, rel=1e-5)
+        assert out["reward"].item() == pytest.approx(reward, rel=1e-5), (
+            "a step's reward must be the sum of the rewards of its action_repeat frames"
+        )
         assert reward > 2  # cartpole-balance gives about 1 per frame: the sum covers all 3 frames
     physics = env.base_env._env.physics
     assert physics.data.time == pytest.approx(4 * 3 * raw.control_timestep())

@@ -296,7 +296,9 @@ def test_dream_video_panels_match_an_independent_computation(run_dir: Path, monk
     assert video.shape == (episode.length + EXTRA_FRAMES, LABEL_HEIGHT + PANEL, 6 * PANEL, 3)
     assert (video[:, :LABEL_HEIGHT] == label_row(panel_titles(horizon))).all()
     panels = torch.from_numpy(video[:, LABEL_HEIGHT:]).permute(0, 3, 1, 2).split(PANEL, dim=-1)
-    assert torch.equal(panels[0], pixels) and torch.equal(panels[1], pixels)  # DMC: the observation is the RGB render
+    # DMC: the observation is the RGB render, so both panels of frame t show observation t.
+    assert torch.equal(panels[0], pixels), "the dream video's real panel at frame t must be the image of observation t"
+    assert torch.equal(panels[1], pixels), "the dream video's input panel at frame t must be observation t"
 
     world_model = agent.world_model
     observed = world_model(episode.steps.unsqueeze(0).clone())  # the TensorDict path of the training loss

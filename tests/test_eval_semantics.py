@@ -43,7 +43,13 @@ def test_an_episode_return_is_the_sum_of_the_environments_rewards() -> None:
     raw = gymnasium.make("Pendulum-v1", max_episode_steps=2 * STEPS)
     raw.reset(seed=agent.cfg.env.seed + EVAL_SEED_OFFSET)  # make_env seeds with a reset(seed=...) ...
     observation, _ = raw.reset()  # ... and the episode starts with one more reset
-    np.testing.assert_allclose(episode.steps["observation"][0].numpy(), observation, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        episode.steps["observation"][0].numpy(),
+        observation,
+        rtol=1e-6,
+        atol=1e-6,
+        err_msg="the evaluation episode must start where a Pendulum seeded env.seed + EVAL_SEED_OFFSET starts",
+    )
     rewards = []
     for action in episode.steps["action"][1:]:
         for _ in range(2):

@@ -99,8 +99,10 @@ def test_is_init_zeroes_the_state_of_starting_envs_only() -> None:
     with torch.no_grad():
         reset = policy.prior.recurrent_step(torch.zeros(DETER), torch.zeros(STOCH), torch.zeros(2))
         carried = policy.prior.recurrent_step(td["deter"][1], td["stoch"][1], td["prev_action"][1])
-    torch.testing.assert_close(out["next", "deter"][0], reset)
-    torch.testing.assert_close(out["next", "deter"][1], carried)
+    torch.testing.assert_close(
+        out["next", "deter"][0], reset, msg="at is_init the policy must zero the state and the previous action"
+    )
+    torch.testing.assert_close(out["next", "deter"][1], carried, msg="without is_init the policy must carry its state")
 
 
 def test_state_is_carried_through_an_env_and_zeroed_at_resets() -> None:

@@ -16,6 +16,7 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 from tensordict import TensorDict
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modules.rssm import RSSMPosterior, RSSMPrior, RSSMRollout
@@ -148,6 +149,7 @@ def test_compiled_update_with_inductor_matches_eager() -> None:
     compiled = tiny_agent("optimization.imagination_horizon=2", "optimization.compile=true")
     assert compiled.cfg.optimization.compile_backend == "inductor"
     results = []
+    counters.clear()
     try:
         with torch._inductor.config.patch(fallback_random=True, compile_threads=1):
             for agent in (eager, compiled):
@@ -157,8 +159,16 @@ def test_compiled_update_with_inductor_matches_eager() -> None:
                 torch.manual_seed(4)
                 agent.update.step(fixed_batch(agent.info.action_dim))
                 results.append((losses, [p.detach().clone() for p in agent.world_model.parameters()]))
+        compiled_stats = {name: dict(counts) for name, counts in counters.items()}
     finally:
         torch._dynamo.reset()
+    # Matching eager proves nothing unless the losses really went through dynamo and inductor (a cache hit counts).
+    assert compiled_stats.get("frames", {}).get("ok", 0) >= 3, (
+        f"optimization.compile=true must compile the world-model, actor and value losses: dynamo {compiled_stats}"
+    )
+    assert any(key.startswith("fxgraph_cache") for key in compiled_stats.get("inductor", {})), (
+        f"optimization.compile=true must compile with its backend, inductor: {compiled_stats}"
+    )
     (eager_losses, eager_params), (compiled_losses, compiled_params) = results
     for name, expected, got in zip(("world model", "actor", "value"), eager_losses, compiled_losses, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"inductor {name} loss differs from eager")

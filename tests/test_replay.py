@@ -83,8 +83,11 @@ def test_episode_ids_and_step_indices_continue_across_batches_and_envs() -> None
     # The (env, episode) encoded in each observation maps to exactly one episode id, and step indices match.
     for episode_id in steps["episode"].unique():
         members = obs[steps["episode"] == episode_id]
-        assert (members // 100).unique().numel() == 1
-        assert torch.equal(steps["step"][steps["episode"] == episode_id], members % 100)
+        assert (members // 100).unique().numel() == 1, f"episode id {int(episode_id)} holds steps of several episodes"
+        assert torch.equal(steps["step"][steps["episode"] == episode_id], members % 100), (
+            f"episode {int(episode_id)}: step indices must count on across collector batches "
+            f"(stored {steps['step'][steps['episode'] == episode_id].tolist()}, expected {(members % 100).tolist()})"
+        )
     # ... and each (env, episode) to exactly one id.
     assert steps["episode"].unique().numel() == (obs // 100).unique().numel() == 5
 
@@ -153,9 +156,12 @@ def filled_buffer(
 def sampled_observations(buffer: TensorDictReplayBuffer, batch_length: int, draws: int = 20) -> torch.Tensor:
     """Observations of ``draws`` batches of 16 sequences, ``[draws * 16, batch_length]``, checked to be consecutive
     steps of one episode (the scripted values count up by one within an episode)."""
-    observations = torch.cat(
-        [sample_sequences(buffer, 16, batch_length)["observation"].squeeze(-1).long() for _ in range(draws)]
-    )
+    try:
+        observations = torch.cat(
+            [sample_sequences(buffer, 16, batch_length)["observation"].squeeze(-1).long() for _ in range(draws)]
+        )
+    except RuntimeError as error:  # a sampler that returns partial sequences fails the reshape to [16, batch_length]
+        pytest.fail(f"sampling must return whole sequences of batch_length={batch_length} steps: {error}")
     assert ((observations // 100) == (observations[:, :1] // 100)).all(), "a sequence mixes episodes"
     assert ((observations[:, 1:] - observations[:, :-1]) == 1).all(), (
         "a sequence spans the overwrite point (or skips steps)"
@@ -176,6 +182,24 @@ def test_episodes_shorter_than_batch_length_are_never_sampled_and_never_break_sa
         sample_sequences(only_short, 4, 6)
     except RuntimeError as error:
         pytest.fail(f"episodes shorter than batch_length make sampling fail: {error}")
+
+
+def test_a_run_whose_episodes_are_all_shorter_than_batch_length_waits_with_a_warning(tmp_path) -> None:
+    """Pendulum episodes of 4 agent steps (5 stored steps) against ``batch_length=6``: nothing can ever be sampled.
+    The run still collects all its frames; its owed updates wait (none is made), with a warning naming
+    ``replay_buffer.batch_length`` (shown once: Python's default filter), instead of the run failing."""
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"replay_buffer\.batch_length=6") as caught:
+        try:
+            record = train_in_process(run_dir, (*TINY_RUN, "env.max_episode_frames=8"))
+        except Exception as error:
+            pytest.fail(f"episodes shorter than batch_length must not make a training run fail: {error!r}")
+    assert all("the owed updates wait" in str(w.message) for w in caught if "batch_length" in str(w.message))
+    counters = checkpoint_state(run_dir)["counters"]
+    assert record.update_calls == 0 and counters["updates"] == 0, "no update can be made from episodes this short"
+    assert counters["frames"] == 160 and counters["episodes"] == 20, (
+        "a run whose episodes are shorter than batch_length must still collect all its frames"
+    )
 
 
 @pytest.mark.parametrize(

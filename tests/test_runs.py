@@ -1,8 +1,9 @@
 """Whole training runs in this process: exact resume, an episode cut by an interruption, two environments, best.pt.
 
 Every run is ``tests.runs.TINY_RUN`` (Pendulum, tiny model, 160 frames, a few seconds) or a variant of it. A run is
-interrupted with Ctrl-C (``KeyboardInterrupt``) raised at the start of its 5th update: in the middle of the training
-phase at 80 frames (updates 4 to 6), after 4 updates.
+interrupted with Ctrl-C (``KeyboardInterrupt``) raised in the middle of its 5th update (after its forward passes drew
+latent noise, before any optimiser step): in the middle of the training phase at 80 frames (updates 4 to 6), after 4
+completed updates.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from tests.runs import (
     stored_steps,
     train_in_process,
 )
-from utils.checkpoint import capture_rng_state, load_checkpoint
+from tests.test_precision import fixed_batch
+from utils.agent import build_agent
+from utils.checkpoint import capture_rng_state, load_checkpoint, save_atomic
 from utils.config import compose_config
 from utils.evaluation import EpisodeResult
-from utils.run_state import prepare_run
+from utils.run_state import load_agent_state, prepare_run
 
 INTERRUPT_AT_UPDATE = 5  # the 5th update: 4 made, 2 still owed for the phase at 80 frames
 UPDATES_PER_PHASE = 3
@@ -60,13 +63,18 @@ def interrupted_and_resumed(base: Path, overrides: tuple[str, ...]) -> SimpleNam
     )
 
 
+# A metrics.csv row every 3 updates: the interruption (after update 4) cuts the window of the row at update 6. An
+# evaluation every 40 frames: metrics.csv already holds evaluation rows (other columns) when the run is resumed.
+EXACT = (*TINY_RUN, "logger.log_every=3", "logger.eval_every=40")
+
+
 @pytest.fixture(scope="module")
 def exact(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """``TINY_RUN`` uninterrupted (``reference``), and the same run interrupted and resumed."""
+    """``EXACT`` uninterrupted (``reference``), and the same run interrupted and resumed."""
     base = tmp_path_factory.mktemp("exact")
-    runs = interrupted_and_resumed(base, TINY_RUN)
+    runs = interrupted_and_resumed(base, EXACT)
     runs.reference_dir = base / "reference"
-    runs.reference = train_in_process(runs.reference_dir, TINY_RUN)
+    runs.reference = train_in_process(runs.reference_dir, EXACT)
     return runs
 
 
@@ -88,9 +96,36 @@ def test_resume_restores_the_learner_state_of_the_interruption(exact: SimpleName
         "resume must restore every optimiser's moments and step counts"
     )
     assert not differences(scalers, {k: restored[k] for k in scalers}), "resume must restore the gradient scalers"
-    assert not differences(moment["rng"], restored_rng), "resume must restore the torch, NumPy and Python RNG streams"
+    rng_differences = differences(moment["rng"], restored_rng)
+    assert not rng_differences, (
+        "resume must restore the torch, NumPy and Python RNG streams as they were after the last completed update "
+        f"(an update cut by Ctrl-C puts back what it drew): {rng_differences}"
+    )
     assert (state.frames, state.agent_steps, state.updates, state.episodes) == (80, 40, 4, 2), (
         "resume must restore the counters of the interruption (80 frames, 4 updates)"
+    )
+
+
+def test_resume_restores_active_gradient_scalers(tmp_path: Path) -> None:
+    """A float16 run (CUDA) has one active gradient scaler per loss; a CPU run's are disabled and their state empty,
+    so the whole-run comparisons cannot see them. Here on CPU under float16 autocast: after two updates the scalers'
+    state (loss scale, growth tracker) goes through a checkpoint into a fresh agent by ``load_agent_state``, what
+    ``prepare_run`` calls on resume."""
+    config = compose_config(*TINY_RUN)
+    agents = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        agents.append(build_agent(config, torch.device("cpu"), torch.float16))
+    trained, fresh = agents
+    for _ in range(2):
+        trained.update.step(fixed_batch(trained.info.action_dim))
+    scalers = {k: v for k, v in trained.update.state_dict().items() if k.startswith("grad_scaler/")}
+    assert len(scalers) == 3 and all(state["_growth_tracker"] == 2 for state in scalers.values()), scalers
+    save_atomic({"agent": trained.state_dict(), "update": trained.update.state_dict()}, tmp_path / "last.pt")
+    load_agent_state(fresh, load_checkpoint(tmp_path / "last.pt"))
+    restored = {k: v for k, v in fresh.update.state_dict().items() if k in scalers}
+    assert not differences(scalers, restored), (
+        f"resume must restore the gradient scalers: saved {scalers}, restored {restored}"
     )
 
 
@@ -205,7 +240,9 @@ def sorted_by_content(episodes: list[torch.Tensor]) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def two_envs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     run_dir = tmp_path_factory.mktemp("two_envs") / "run"
-    return SimpleNamespace(run_dir=run_dir, record=train_in_process(run_dir, (*MISALIGNED, "env.num_envs=2")))
+    # An evaluation every 40 frames: the first comes before either environment has finished an episode.
+    overrides = (*MISALIGNED, "env.num_envs=2", "logger.eval_every=40")
+    return SimpleNamespace(run_dir=run_dir, record=train_in_process(run_dir, overrides))
 
 
 def test_two_environments_end_to_end(two_envs: SimpleNamespace) -> None:
@@ -234,7 +271,7 @@ def test_evaluation_environments_never_share_a_seed_with_training_ones(
 ) -> None:
     for record in (exact.reference, two_envs.record):
         train, evaluation = set(record.env_seeds["train"]), set(record.env_seeds["eval"])
-        assert train and evaluation, record.env_seeds
+        assert train and len(record.env_seeds["eval"]) >= 2, record.env_seeds
         assert not train & evaluation, f"evaluation environments share seeds {train & evaluation} with training"
 
 

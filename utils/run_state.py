@@ -52,6 +52,9 @@ class RunState:
     best_eval_return: float | None = None
     replay_saved: bool = False
     recorder: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The metrics of the updates made since the last metrics row of the current training phase (one dict of scalar
+    # tensors per update): a run interrupted in the middle of a ``logger.log_every`` window logs the same row.
+    log_window: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The training environment's random stream at the checkpoint (utils/env_rng.py); None for several envs.
     env_rng: dict[str, Any] | None = None
     # The run's dashboard id (wandb run id), kept across resumes so that all segments log to one dashboard run.

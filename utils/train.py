@@ -181,7 +181,9 @@ def _run_due_updates(
     can be sampled: the owed updates wait, with one warning, and are made once a long enough episode is stored.
     """
     due = updates_due(cfg, state)
-    window: list[dict[str, torch.Tensor]] = []
+    # The window of the next metrics row lives in the run state (checkpointed): a resumed run completes the row the
+    # interruption cut. A phase's updates after its last row are not carried into the next phase's first row.
+    window = state.log_window
     while state.updates < due:
         # One update and its log row are not cut by a stop signal (it waits for them); Ctrl-C puts back the RNGs.
         with stop_signals.deferred(), _undone_if_interrupted(replay):
@@ -192,12 +194,13 @@ def _run_due_updates(
                     "the owed updates wait until one has (lower batch_length for shorter episodes).",
                     stacklevel=2,
                 )
-                return
+                break
             window.append(agent.update.step(batch.to(agent.device, non_blocking=True)))
             state.updates += 1
             if state.updates % cfg.logger.log_every == 0:
                 logger.log(_train_row(cfg, window, state, clock), step=state.frames)
-                window = []
+                window.clear()
+    window.clear()
 
 
 @contextlib.contextmanager
