@@ -219,3 +219,24 @@ def test_an_evaluation_leaves_the_training_rng_as_it_was_and_repeats_itself(tmp_
         assert torch.equal(after["torch"], before["torch"]) and after["python"] == before["python"]
         assert torch.equal(after["numpy_keys"], before["numpy_keys"]) and after["numpy_pos"] == before["numpy_pos"]
     assert returns[0] == returns[1]
+
+
+def test_a_resumed_run_continues_its_tensorboard_run(tmp_path: Path) -> None:
+    """Both segments write into one tensorboard run directory (the run directory's name), the second's steps after
+    the first's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    for args in (
+        (*RUN, "logger.backend=tensorboard", "collector.total_frames=400", f"hydra.run.dir={run_dir}"),
+        (f"resume={run_dir}", "collector.total_frames=600"),
+    ):
+        result = run_dreamer(*args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((run_dir / "tensorboard").iterdir())
+    assert [path.name for path in runs] == ["run"], f"a resumed run must not open a second tensorboard run: {runs}"
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 2, "one event file per segment"
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("loss/world_model")]
+    assert steps == sorted(steps) and steps[0] <= 400 < steps[-1], f"the resumed segment's steps must follow: {steps}"
