@@ -177,8 +177,19 @@ def test_a_new_run_in_the_directory_of_another_is_one_clear_line(debug_run: Path
     result = run_dreamer("experiment=debug", f"hydra.run.dir={debug_run}")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
-    assert f"already holds a run (metrics.csv); continue it with resume={debug_run}" in result.stderr
+    assert f"already holds a run (checkpoints/last.pt); continue it with resume={debug_run}" in result.stderr
     assert (debug_run / "metrics.csv").read_bytes() == metrics_before
+
+
+def test_resume_auto_where_a_run_saved_no_checkpoint_says_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    """A run killed before its first checkpoint leaves metrics.csv only: neither a new run nor resume=auto may
+    append to it, and the message must not send the user to a resume that cannot work."""
+    (tmp_path / "metrics.csv").write_text("frames,eval/return\n100,1.0\n")
+    for resume in ("null", "auto"):
+        result = run_dreamer("experiment=debug", f"resume={resume}", f"hydra.run.dir={tmp_path}")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+        assert "holds a run that saved no checkpoint" in result.stderr and "nothing to resume" in result.stderr
+    assert (tmp_path / "metrics.csv").read_text() == "frames,eval/return\n100,1.0\n"
 
 
 @pytest.mark.parametrize(
