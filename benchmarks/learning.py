@@ -282,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         "paper": {str(f): v for f, v in paper.items()},
     }
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
+    timing = f"{', '.join(f'{m:.1f}' for m in minutes)} min per seed" if minutes else "a report: nothing trained"
     print(
         f"{task}: final eval return {final.mean():.1f} ± {final.std():.1f} at {frames[-1]} frames "
-        f"({', '.join(f'{m:.1f}' for m in minutes)} min per seed); curve: {out / 'curve.png'}"
+        f"({timing}); curve: {out / 'curve.png'}"
     )
     return 0 if verdict["passed"] in (None, True) else 1
 
