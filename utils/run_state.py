@@ -100,19 +100,16 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Agent, RunS
 def refuse_finished_or_started_run(run_dir: Path) -> None:
     """A new run must not write into the directory of another: its metrics would be appended to theirs."""
     if (run_dir / "checkpoints" / "last.pt").exists():
-        found = "checkpoints/last.pt"
-    elif (run_dir / "metrics.csv").exists():
+        raise ConfigError(
+            f"Run directory {run_dir} already holds a run (checkpoints/last.pt); continue it with resume={run_dir} "
+            "(or resume=auto) or start a new one in another hydra.run.dir"
+        )
+    if (run_dir / "metrics.csv").exists():
         # Killed (SIGKILL, a crash) before its first checkpoint: resume=<dir> or auto has nothing to continue.
         raise ConfigError(
             f"Run directory {run_dir} holds a run that saved no checkpoint (metrics.csv without "
             "checkpoints/last.pt), so there is nothing to resume; delete it or start in another hydra.run.dir"
         )
-    else:
-        return
-    raise ConfigError(
-        f"Run directory {run_dir} already holds a run ({found}); continue it with resume={run_dir} "
-        "(or resume=auto) or start a new one in another hydra.run.dir"
-    )
 
 
 def seed_everything(seed: int) -> None:
