@@ -1,48 +1,32 @@
 """The Pendulum learning check, end to end through ``benchmarks/learning.py`` (train, evaluate, curve, verdict).
 
-By default (CI) the short form runs: one seed, ``SHORT_FRAMES`` frames, pass mark ``SHORT_TARGET``: far above the -1200
-of random acting and the -1600 of the deterministic policy before learning. The three seeds of the full check scored
--160, -239 and -204 at 16k frames; the preset without KL balancing scored -748, -933 and -1114 there, so losing it
-fails this test. ``DREAMER_FULL_LEARNING=1`` runs the issue's full check instead: three seeds, 30k frames, mean final
-evaluation return of at least -400.
+By default (CI) the short form runs (``tests/learning_checks.py``): one seed, ``SHORT.frames`` frames, pass mark
+``SHORT.target``: far above the -1200 of random acting and the -1600 of the deterministic policy before learning.
+The three seeds of the full check scored -160, -239 and -204 at 16k frames; the preset without KL balancing scored
+-748, -933 and -1114 there, so losing it fails this test. ``DREAMER_FULL_LEARNING=1`` runs the issue's full check
+instead: three seeds, 30k frames, mean final evaluation return of at least -400.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 import benchmarks.learning as learning
-from benchmarks.learning import CHECKS, main, reference_points
+from benchmarks.learning import main, reference_points
+from tests.learning_checks import ShortForm, check_learns
 from utils.config import compose_config
 
-FULL = os.environ.get("DREAMER_FULL_LEARNING") == "1"
-SHORT_FRAMES = 16_000
-SHORT_TARGET = -600.0
+# The preset cut short: the same run as the full check's seed 0, up to 16k frames.
+SHORT = ShortForm(frames=16_000, target=-600.0)
 
 
 @pytest.mark.slow
 def test_pendulum_learns(tmp_path: Path) -> None:
-    if FULL:
-        args = ["pendulum", "--seeds", "0", "1", "2", "--jobs", "2"]
-        frames, target = 30_000, CHECKS["pendulum"].target
-    else:
-        # The preset cut short: the same run as the full check's seed 0, up to SHORT_FRAMES.
-        overrides = [f"collector.total_frames={SHORT_FRAMES}"]
-        # One thread: the model is small, and a second OpenMP thread on a busy 2-core machine slows it down.
-        args = ["pendulum", "--seeds", "0", "--threads", "1", "--target", str(SHORT_TARGET), "--set", *overrides]
-        frames, target = SHORT_FRAMES, SHORT_TARGET
-    status = main([*args, "--out", str(tmp_path)])
-
-    verdict = json.loads((tmp_path / "verdict.json").read_text())
-    assert (tmp_path / "curve.png").stat().st_size > 0
-    assert verdict["final_frames"] == frames and verdict["target"] == target
-    assert verdict["final_return_mean"] >= target, verdict
-    assert status == 0 and verdict["passed"]
+    check_learns("pendulum", SHORT, tmp_path)
 
 
 def fake_run(out: Path, seed: int, final_return: float) -> None:
