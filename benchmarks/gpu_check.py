@@ -23,7 +23,8 @@ and the optimiser steps themselves are compiled.
 cartpole-balance in the paper's configuration (model, 50 x 50 batches, 100 updates per 1000 frames after 5000
 random frames, evaluation every 10k frames) towards 100k frames; the authors' five seeds scored 419-529 there. A run
 still going after ``--learn-budget-s`` seconds is stopped (SIGTERM: it saves its checkpoint) and the output says so;
-``--resume`` continues it in a later call. The JSON holds the evaluation returns, frames/s and updates/s.
+``--resume`` continues it in a later call; a ``learn_run/`` left by an earlier call is kept unless ``--resume`` or
+``--restart`` (which deletes it) says what to do with it. The JSON holds the evaluation returns, frames/s and updates/s.
 
 CUDA-only measures (peak memory, synchronisation) are guarded, so ``--tiny`` exercises everything else on a CPU.
 """
@@ -82,6 +83,7 @@ class Options:
     speed_budget_s: float
     learn_budget_s: float
     resume: bool
+    restart: bool
     seed: int
 
 
@@ -183,10 +185,14 @@ def summarize_run(rows: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+def learn_run_dir(out: Path) -> Path:
+    return (out / "learn_run").resolve()
+
+
 def run_learn(options: Options) -> dict[str, Any]:
     """The learning part: trains within the budget, then summarises the run's metrics; writes learn.json/.md."""
-    run_dir = (options.out / "learn_run").resolve()
-    if not options.resume:
+    run_dir = learn_run_dir(options.out)
+    if options.restart:
         shutil.rmtree(run_dir, ignore_errors=True)  # dreamer.py refuses a directory that holds a run
     options.out.mkdir(parents=True, exist_ok=True)
     command = learn_command(options, run_dir)
@@ -250,10 +256,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
     parser.add_argument("--speed-budget-s", type=float, default=None, help=f"default {PART_BUDGET_S:.0f}")
     parser.add_argument("--learn-budget-s", type=float, default=None, help=f"default {PART_BUDGET_S:.0f}")
-    parser.add_argument("--resume", action="store_true", help="continue the learning run in <out>/learn_run")
+    earlier_run = parser.add_mutually_exclusive_group()
+    earlier_run.add_argument("--resume", action="store_true", help="continue the learning run in <out>/learn_run")
+    earlier_run.add_argument("--restart", action="store_true", help="delete <out>/learn_run and train afresh")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; tiny: 1)")
     args = parser.parse_args(argv)
+    parts = ("speed", "learn") if args.part == "all" else (args.part,)
+    earlier = learn_run_dir(args.out)
+    if "learn" in parts and earlier.exists() and not (args.resume or args.restart):
+        parser.error(f"{earlier} holds an earlier learning run: continue it with --resume, or delete it with --restart")
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available here; the CPU form is --tiny")
@@ -263,12 +275,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     budget = 90.0 if args.tiny else PART_BUDGET_S
     return Options(
         out=args.out,
-        parts=("speed", "learn") if args.part == "all" else (args.part,),
+        parts=parts,
         tiny=args.tiny,
         device=device,
         speed_budget_s=args.speed_budget_s or budget,
         learn_budget_s=args.learn_budget_s or budget,
         resume=args.resume,
+        restart=args.restart,
         seed=args.seed,
     )
 

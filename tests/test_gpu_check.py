@@ -73,3 +73,30 @@ def test_metrics_are_summarised_from_the_csv_rows(tmp_path: Path) -> None:
     assert (summary["frames_per_second"], summary["updates_per_second"], summary["last_train_return"]) == (
         90.0, 0.9, 6.0,
     )  # fmt: skip
+
+
+def test_an_earlier_learning_run_is_kept_unless_resumed_or_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Nothing is lost: a second call refuses to replace ``learn_run/`` unless ``--restart`` says so."""
+    earlier = tmp_path / "learn_run" / "metrics.csv"
+    earlier.parent.mkdir()
+    earlier.write_text("frames,updates\n1000,10\n")
+    with pytest.raises(SystemExit) as refused:
+        gpu_check.main(["--tiny", "--part", "learn", "--out", str(tmp_path)])
+    assert refused.value.code == 2
+    message = "learn_run holds an earlier learning run: continue it with --resume, or delete it with --restart"
+    assert message in capsys.readouterr().err
+    assert earlier.exists()
+
+    def train(command: list[str], log_path: Path, budget_s: float) -> tuple[bool, float, int]:
+        assert not earlier.parent.exists(), "--restart must delete the earlier run before training"
+        earlier.parent.mkdir()
+        earlier.write_text(
+            "frames,updates,train/return,frames_per_second,updates_per_second,eval/return\n400,2,1.0,50.0,0.5,1.5\n"
+        )
+        return False, 1.0, 0
+
+    monkeypatch.setattr(gpu_check, "train_within_budget", train)
+    assert gpu_check.main(["--tiny", "--part", "learn", "--out", str(tmp_path), "--restart"]) == 0
+    assert json.loads((tmp_path / "learn.json").read_text())["frames"] == 400
