@@ -12,7 +12,8 @@
   by the environment's seed (reproducible);
 * the minimal action set (``env.full_action_space=false``) or all 18 actions;
 * episodes end at game over, or are truncated after ``env.max_episode_frames`` emulator frames (108000: 30 minutes);
-* ``env.noop_max`` (0: off): each episode starts with 1 to ``noop_max`` no-op frames (a uniform draw);
+* ``env.noop_max`` (0: off): each episode starts with 0 to ``noop_max`` no-op frames (a uniform draw, as the
+  authors' Atari env has it);
 * ``env.terminal_on_life_loss`` (false): a lost life ends the episode as a termination (the game then restarts).
 
 Why our own wrapper: ALE's ``frameskip`` repeats the action but returns the last frame only (no max-pooling), and
@@ -112,7 +113,7 @@ class AtariFrames(gymnasium.Wrapper):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         _, info = self.env.reset(seed=seed, options=options)
-        noops = int(self.np_random.integers(1, self.noop_max + 1)) if self.noop_max else 0
+        noops = int(self.np_random.integers(self.noop_max + 1)) if self.noop_max else 0
         for _ in range(noops):
             _, _, terminated, truncated, info = self.env.step(NOOP)
             if terminated or truncated:
