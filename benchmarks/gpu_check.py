@@ -186,6 +186,7 @@ def summarize_run(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def learn_run_dir(out: Path) -> Path:
+    """The learning part's run directory under ``out``."""
     return (out / "learn_run").resolve()
 
 
