@@ -125,6 +125,17 @@ def unpack_seed(out: Path, seed: int) -> bool:
     return True
 
 
+def default_out_name(check: str, overrides: list[str]) -> str:
+    """``learning_<check>``, with ``_<name>`` and ``_<task>`` appended when ``overrides`` set ``env.name`` or
+    ``env.task``: the checks that take their task from ``--set`` (Atari games, DMC tasks) get one directory per
+    task, so a second task's seeds never meet the first's (``learning_atari_v3_pong``,
+    ``learning_dmc_v3_proprio_walker_walk``).
+    """
+    picked = dict(item.split("=", 1) for item in overrides if item.startswith(("env.name=", "env.task=")))
+    suffix = "".join(f"_{picked[key]}" for key in ("env.name", "env.task") if key in picked)
+    return f"learning_{check}{suffix}"
+
+
 def train_seeds(
     check: Check, args: argparse.Namespace, out: Path, threads: int, refuse: Callable[[str], NoReturn]
 ) -> list[float]:
@@ -216,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("check", choices=sorted(CHECKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained at once")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/learning_<check>")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: benchmarks/results/learning_<check>, plus _<name>[_<task>] when --set picks env.name/env.task",
+    )
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra Hydra overrides")
     parser.add_argument("--target", type=float, default=None, help="pass mark for the final return (a short form's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed (default: cores / jobs)")
@@ -241,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     check = CHECKS[args.check]
     if args.target is not None:
         check = dataclasses.replace(check, target=args.target)
-    out = (args.out or ROOT / "benchmarks" / "results" / f"learning_{args.check}").resolve()
+    out = (args.out or ROOT / "benchmarks" / "results" / default_out_name(args.check, args.overrides)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if args.pack:

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import benchmarks.learning as learning
-from benchmarks.learning import main, reference_points
+from benchmarks.learning import default_out_name, main, reference_points
 from tests.learning_checks import ShortForm, check_learns
 from utils.config import compose_config
 
@@ -132,3 +132,11 @@ def test_the_plot_shows_the_authors_returns_within_the_runs_length() -> None:
     assert reference_points(paper, 20_000) == [(100_000, 472.0)]  # none that early: the first one
     assert reference_points(paper, 600_000) == [(100_000, 472.0), (500_000, 982.0)]
     assert reference_points({}, 30_000) == []
+
+
+def test_the_default_out_directory_is_one_per_task_picked_with_set() -> None:
+    assert default_out_name("dmc_cpu", []) == "learning_dmc_cpu"
+    assert default_out_name("atari_v3", ["env.name=pong", "model.size=1m"]) == "learning_atari_v3_pong"
+    walker = ["env.task=walk", "optimization.train_ratio=512", "env.name=walker"]
+    assert default_out_name("dmc_v3_proprio", walker) == "learning_dmc_v3_proprio_walker_walk"
+    assert default_out_name("pendulum", ["optimization.env_name=x"]) == "learning_pendulum"
