@@ -5,6 +5,12 @@ While training, SIGTERM (``kill``, ``scancel``) and submitit's preemption/time-l
 ``checkpoints/last.pt``. Inside :meth:`StopSignals.deferred` blocks (storing a collected batch, one update,
 writing a checkpoint) the exception waits until the block ends, so a signal never leaves a unit of work half done.
 Signals that arrive after the first are only recorded, so they cannot cut the checkpoint.
+
+The exception is raised wherever the signal finds the program, library code included, and a library may wrap it
+(TorchRL re-raises errors inside a spec's ``encode`` as ``RuntimeError("Shape mismatch ...")``) or swallow it. So
+the training loop also counts an exception whose ``__cause__``/``__context__`` chain holds a
+:class:`StopRequested` as a stop (:func:`is_stop`), and calls :meth:`StopSignals.check` at its safe points, which
+raises for a signal whose exception was swallowed.
 :meth:`StopSignals.restore_and_forward` then calls, for each signal received, the handler installed before
 training: in a submitit job (SLURM, or submitit's local executor) that is submitit's requeue handler, which calls
 the launcher's ``checkpoint()`` (the same job arguments, ``resume=auto`` among them), requeues the job and exits;
@@ -40,6 +46,7 @@ class StopSignals:
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
         self._raising = False
+        self._stopping = False
 
     def install(self) -> StopSignals:
         """Installs the handlers; the first signal from now on raises :class:`StopRequested`."""
@@ -50,6 +57,14 @@ class StopSignals:
     def stop_raising(self) -> None:
         """From now on signals are only recorded (the run is saving its checkpoint)."""
         self._raising = False
+        self._stopping = True
+
+    def check(self) -> None:
+        """A safe point of the loop: raises :class:`StopRequested` if a stop signal has arrived, also one whose
+        exception a library caught and dropped (nothing is raised once :meth:`stop_raising` was called)."""
+        if self.received and not self._stopping:
+            self._raising = False
+            raise StopRequested(signal.Signals(self.received[0]).name)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -78,3 +93,16 @@ class StopSignals:
         if self._raising:
             self._raising = False
             raise StopRequested(signal.Signals(signum).name)
+
+
+def is_stop(error: BaseException) -> bool:
+    """True for Ctrl-C and :class:`StopRequested`, also when a library re-raised them as another exception
+    (found in the ``__cause__``/``__context__`` chain)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (KeyboardInterrupt, StopRequested)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -28,7 +28,7 @@ from utils.config import algorithm, frames_to_agent_steps
 from utils.env_rng import EnvRngSnapshot, capture_env_rng, restore_env_rng
 from utils.evaluation import evaluate_policy, log_eval_videos
 from utils.metrics import RunLogger, make_dashboard
-from utils.preemption import StopRequested, StopSignals
+from utils.preemption import StopSignals, is_stop
 from utils.replay import StepRecorder, add_steps, load_replay, make_replay_buffer, resolve_prefetch, sample_sequences
 from utils.resume import run_directory
 from utils.run_state import RunState, evaluation_seed, isolated_rng, prepare_run, save_run_checkpoint
@@ -89,8 +89,10 @@ def train(cfg: DictConfig) -> float | None:
     def finish_phase() -> None:
         """What is due after collecting: the owed updates, then an evaluation and a checkpoint when due."""
         _run_due_updates(cfg, agent, replay, state, logger, clock, stop_signals)
+        stop_signals.check()
         if state.frames >= state.next_eval and _evaluate(cfg, agent, state, logger):
             checkpoint(BEST)
+        stop_signals.check()
         if state.frames >= state.next_checkpoint:
             state.next_checkpoint += cfg.checkpoint_every
             checkpoint(LAST)
@@ -106,7 +108,9 @@ def train(cfg: DictConfig) -> float | None:
             progress.set_postfix(clock.postfix(state), refresh=False)
             if state.frames >= cfg.collector.total_frames:
                 break
-    except (KeyboardInterrupt, StopRequested):
+    except BaseException as error:
+        if not is_stop(error):
+            raise
         progress.write(
             f"Interrupted at {state.frames} frames; saving {run_dir / CHECKPOINT_DIR / LAST}", file=sys.stderr
         )
@@ -246,11 +250,12 @@ def _evaluate(cfg: DictConfig, agent: Agent, state: RunState, logger: RunLogger)
     states are put back afterwards: an evaluation does not change the training run's random stream.
     """
     index = state.next_eval // cfg.logger.eval_every
-    state.next_eval += cfg.logger.eval_every
     with isolated_rng(evaluation_seed(cfg.env.seed, index)), set_exploration_type(ExplorationType.DETERMINISTIC):
         episodes = evaluate_policy(agent, cfg.logger.eval_episodes, seed_offset=EVAL_SEED_OFFSET + state.episodes)
         if cfg.logger.video and agent.from_pixels:
             log_eval_videos(agent, episodes[0], logger, step=state.frames)
+    # Counted as done only now: an evaluation cut by a stop signal is made again (same seed) by the resumed run.
+    state.next_eval += cfg.logger.eval_every
     state.last_eval_return = sum(e.episode_return for e in episodes) / len(episodes)
     logger.log(
         {"frames": state.frames, "updates": state.updates, "eval/return": state.last_eval_return}, step=state.frames
