@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.results import Run, collect_runs, default_reference, load_reference, reference_method  # noqa: E402
+from utils.saturation import constant_action_phase  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +224,15 @@ def plot_curve(
     figure.savefig(path, dpi=100)
 
 
+def constant_action_phases(runs: list[Run]) -> dict[str, dict] | None:
+    """Per seed, when the actor entered and left its constant-action phase and the diagnostics at the exit
+    (:mod:`utils.saturation`); ``None`` for runs that do not log the saturation (DreamerV3)."""
+    phases = {run.seed: constant_action_phase(pd.read_csv(run.path / "metrics.csv")) for run in runs}
+    if any(phase is None for phase in phases.values()):
+        return None
+    return {str(seed): dataclasses.asdict(phase) for seed, phase in phases.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("check", choices=sorted(CHECKS))
@@ -296,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": args.jobs,
         "threads_per_job": threads,
         "paper": {str(f): v for f, v in paper.items()},
+        "constant_action_phase": constant_action_phases(runs),
     }
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
     timing = f"{', '.join(f'{m:.1f}' for m in minutes)} min per seed" if minutes else "a report: nothing trained"
@@ -303,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{task}: final eval return {final.mean():.1f} ± {final.std():.1f} at {frames[-1]} frames "
         f"({timing}); curve: {out / 'curve.png'}"
     )
+    for seed, phase in (verdict["constant_action_phase"] or {}).items():
+        print(f"seed {seed}: constant-action phase entered at {phase['entered']}, left at {phase['left']} frames")
     return 0 if verdict["passed"] in (None, True) else 1
 
 

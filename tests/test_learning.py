@@ -92,6 +92,19 @@ def test_report_writes_a_partial_checks_curve_without_training(tmp_path: Path, m
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
+def test_the_verdict_says_when_each_seed_left_the_constant_action_phase(tmp_path: Path) -> None:
+    for seed, fractions in enumerate([(0.5, 1.0, 0.3, 0.2), (0.95, 0.97, 0.99, 0.99)]):
+        fake_run(tmp_path, seed, final_return=-300.0)
+        training_rows = "".join(f"{1000 * (i + 1)},,{fraction}\n" for i, fraction in enumerate(fractions))
+        (tmp_path / f"seed{seed}" / "metrics.csv").write_text(
+            "frames,eval/return,actor/saturated_fraction\n" + training_rows + "4000,-300,\n"
+        )
+    main(["pendulum", "--seeds", "0", "1", "--out", str(tmp_path), "--report"])
+    phases = json.loads((tmp_path / "verdict.json").read_text())["constant_action_phase"]
+    assert phases["0"] == {"entered": 2000, "left": 3000, "relapses": 0, "at_exit": {"actor/saturated_fraction": 0.3}}
+    assert phases["1"] == {"entered": 1000, "left": None, "relapses": 0, "at_exit": {}}
+
+
 def test_resume_keeps_the_seeds_and_restores_packed_checkpoint_and_replay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
