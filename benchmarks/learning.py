@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report",
         action="store_true",
-        help="train nothing: write the curve and verdict from the seeds' metrics as they are (a partial check)",
+        help="train nothing: write the curve and verdict from the seeds' metrics as they are (partial until all end)",
     )
     parser.add_argument(
         "--pack", action="store_true", help="only pack each seed's checkpoint and replay into seed<N>.resume.tar.xz"
@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         "final_return_per_seed": final.tolist(),
         "final_return_mean": float(final.mean()),
         "last_eval_frames_per_seed": [int(run.eval_frames[-1]) for run in runs],
-        "partial": bool(args.report),
+        # A report on seeds that all ran their whole length (over several sessions, say) is a finished check.
+        "partial": any(run.last_frame < int(run.config["collector.total_frames"]) for run in runs),
         "target": check.target,
         "passed": None if check.target is None else bool(final.mean() >= check.target),
         "minutes_per_seed": minutes,

@@ -90,6 +90,12 @@ def test_report_writes_a_partial_checks_curve_without_training(tmp_path: Path, m
     lines = (tmp_path / "curve.csv").read_text().splitlines()
     assert lines == ["frames,mean,std,seed0,seed1", "2000,-1500,0,-1500,-1500", "4000,-700,141.421,-600,-800"]
     assert (tmp_path / "curve.png").stat().st_size > 0
+    # seeds that both ran the preset's whole length (30k frames): the report is a finished check's verdict
+    for seed in (0, 1):
+        with open(tmp_path / f"seed{seed}" / "metrics.csv", "a") as metrics:
+            metrics.write("30000,-350\n")
+    main(["pendulum", "--seeds", "0", "1", "--out", str(tmp_path), "--report"])
+    assert json.loads((tmp_path / "verdict.json").read_text())["partial"] is False
 
 
 def test_the_verdict_says_when_each_seed_left_the_constant_action_phase(tmp_path: Path) -> None:
