@@ -11,6 +11,7 @@ The exception is raised wherever the signal finds the program, library code incl
 the training loop also counts an exception whose ``__cause__``/``__context__`` chain holds a
 :class:`StopRequested` as a stop (:func:`is_stop`), and calls :meth:`StopSignals.check` at its safe points, which
 raises for a signal whose exception was swallowed.
+
 :meth:`StopSignals.restore_and_forward` then calls, for each signal received, the handler installed before
 training: in a submitit job (SLURM, or submitit's local executor) that is submitit's requeue handler, which calls
 the launcher's ``checkpoint()`` (the same job arguments, ``resume=auto`` among them), requeues the job and exits;
